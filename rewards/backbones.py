@@ -1,0 +1,258 @@
+"""CLIP backbones behind one small interface: open_clip (default) and transformers ``CLIPModel``.
+
+Both expose ``encode_image(pixels)`` and ``encode_text(prompts)`` returning *unnormalised*
+features, the input resolution and normalisation constants, and their transformer blocks for
+layer freezing. The released ICT/HP weights are transformers ``CLIPModel`` state dicts, which
+is why the second kind exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rewards.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
+from rewards.checkpoints import load_state_dict_file, strict_load
+
+log = logging.getLogger(__name__)
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+TINY_OPEN_CLIP = "tiny-clip"
+TINY_HF_CLIP_DIR = MODEL_CONFIG_DIR / "tiny-hf-clip"
+_registered = False
+
+
+def register_model_configs() -> None:
+    """Make the JSON model configs shipped in ``rewards/model_configs`` known to open_clip."""
+    global _registered
+    if not _registered:
+        import open_clip
+
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+        _registered = True
+
+
+@dataclass
+class BackboneSpec:
+    """Which CLIP to build.
+
+    kind: ``open_clip`` (``model`` is an open_clip model name, ``pretrained`` a tag or a local
+        file) or ``hf`` (``model`` is a hub id or a local folder holding a ``CLIPConfig``;
+        ``pretrained=True`` also loads that folder's weights).
+    """
+
+    kind: str = "open_clip"
+    model: str = TINY_OPEN_CLIP
+    pretrained: str | bool | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> BackboneSpec:
+        d = dict(d or {})
+        unknown = set(d) - {"kind", "model", "pretrained", "extra"}
+        if unknown:
+            raise ValueError(f"backbone: unknown key(s) {sorted(unknown)}")
+        spec = cls(**d)
+        if spec.kind not in ("open_clip", "hf"):
+            raise ValueError(f"backbone.kind={spec.kind!r} must be 'open_clip' or 'hf'")
+        return spec
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ClipBackbone(nn.Module):
+    """Common interface; see module docstring."""
+
+    image_size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` in [0, 1] -> normalised ``(B, 3, S, S)``."""
+        return clip_preprocess(images, self.image_size, self.mean, self.std)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def text_blocks(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def vision_blocks(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def text_modules(self) -> list[nn.Module]:
+        """Every module of the text tower (for freezing it whole)."""
+        raise NotImplementedError
+
+    def vision_modules(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def freeze(self, text_fraction: float = 0.0, vision_fraction: float = 0.0) -> None:
+        """Freeze the first ``fraction`` of each tower's transformer blocks.
+
+        A fraction of 1.0 freezes the whole tower (embeddings and projection too). The
+        reference HP training froze the text tower and half of the vision blocks.
+        """
+        for name, frac, blocks, whole in (
+            ("text_fraction", text_fraction, self.text_blocks(), self.text_modules()),
+            ("vision_fraction", vision_fraction, self.vision_blocks(), self.vision_modules()),
+        ):
+            if not 0.0 <= frac <= 1.0:
+                raise ValueError(f"freeze.{name}={frac} must be in [0, 1]")
+            if frac >= 1.0:
+                targets = whole
+            else:
+                n = int(round(frac * len(blocks)))
+                targets = blocks[:n]
+                if n > 0:
+                    # Freezing blocks from the input side also freezes the embeddings below them.
+                    targets = targets + self._embeddings(name)
+            for m in targets:
+                for p in m.parameters():
+                    p.requires_grad_(False)
+
+    def _embeddings(self, which: str) -> list[nn.Module]:
+        return []
+
+
+class OpenClipBackbone(ClipBackbone):
+    def __init__(self, model_name: str, pretrained: str | None = None):
+        super().__init__()
+        import open_clip
+
+        register_model_configs()
+        if pretrained and os.path.isfile(str(pretrained)):
+            # A local checkpoint: build empty, then load strictly (open_clip's own loader
+            # unpickles full checkpoints).
+            self.model = open_clip.create_model(model_name, pretrained=None)
+            strict_load(self.model, load_state_dict_file(pretrained), what=str(pretrained))
+        else:
+            self.model = open_clip.create_model(model_name, pretrained=pretrained or None)
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        size = self.model.visual.image_size
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.mean = tuple(getattr(self.model.visual, "image_mean", None) or OPENAI_CLIP_MEAN)
+        self.std = tuple(getattr(self.model.visual, "image_std", None) or OPENAI_CLIP_STD)
+        self.embed_dim = int(self.model.text_projection.shape[-1])
+
+    def encode_image(self, pixels):
+        return self.model.encode_image(pixels)
+
+    def encode_text(self, prompts):
+        device = next(self.model.parameters()).device
+        return self.model.encode_text(self.tokenizer(list(prompts)).to(device))
+
+    def text_blocks(self):
+        return list(self.model.transformer.resblocks)
+
+    def vision_blocks(self):
+        return list(self.model.visual.transformer.resblocks)
+
+    def text_modules(self):
+        m = self.model
+        mods = [m.transformer, m.token_embedding, m.ln_final]
+        params = [m.positional_embedding, m.text_projection]
+        return mods + [_ParamHolder(params)]
+
+    def vision_modules(self):
+        return [self.model.visual]
+
+    def _embeddings(self, which):
+        if which == "text_fraction":
+            return [self.model.token_embedding, _ParamHolder([self.model.positional_embedding])]
+        v = self.model.visual
+        names = ("class_embedding", "positional_embedding")
+        params = [getattr(v, n) for n in names if getattr(v, n, None) is not None]
+        mods = [getattr(v, "conv1", None), getattr(v, "ln_pre", None)]
+        return [m for m in mods if m is not None] + [_ParamHolder(params)]
+
+
+class _ParamHolder(nn.Module):
+    """Lets bare parameters take part in :meth:`ClipBackbone.freeze`."""
+
+    def __init__(self, params):
+        super().__init__()
+        self._params = list(params)
+
+    def parameters(self, recurse: bool = True):
+        return iter(self._params)
+
+
+class HFClipBackbone(ClipBackbone):
+    """transformers ``CLIPModel``. Text is tokenised with open_clip's copy of the CLIP BPE
+    (identical ids to ``CLIPTokenizer``), so no tokenizer download is needed."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        load_weights: bool = False,
+        context_length: int | None = None,
+    ):
+        super().__init__()
+        import open_clip
+        from transformers import CLIPConfig, CLIPModel
+
+        if load_weights:
+            self.model = CLIPModel.from_pretrained(str(model))
+        else:
+            self.model = CLIPModel(CLIPConfig.from_pretrained(str(model)))
+        cfg = self.model.config
+        ctx = context_length or cfg.text_config.max_position_embeddings
+        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=ctx)
+        self.image_size = int(cfg.vision_config.image_size)
+        self.mean, self.std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+        self.embed_dim = int(cfg.projection_dim)
+
+    def encode_image(self, pixels):
+        return _features(self.model.get_image_features(pixel_values=pixels))
+
+    def encode_text(self, prompts):
+        device = next(self.model.parameters()).device
+        ids = self.tokenizer(list(prompts)).to(device)
+        mask = (ids != 0).long()
+        return _features(self.model.get_text_features(input_ids=ids, attention_mask=mask))
+
+    def text_blocks(self):
+        return list(self.model.text_model.encoder.layers)
+
+    def vision_blocks(self):
+        return list(self.model.vision_model.encoder.layers)
+
+    def text_modules(self):
+        return [self.model.text_model, self.model.text_projection]
+
+    def vision_modules(self):
+        return [self.model.vision_model, self.model.visual_projection]
+
+    def _embeddings(self, which):
+        if which == "text_fraction":
+            return [self.model.text_model.embeddings]
+        return [self.model.vision_model.embeddings, self.model.vision_model.pre_layrnorm]
+
+
+def _features(out) -> torch.Tensor:
+    # transformers 5 may return a model output instead of a bare tensor.
+    if isinstance(out, torch.Tensor):
+        return out
+    for name in ("pooler_output", "image_embeds", "text_embeds"):
+        t = getattr(out, name, None)
+        if isinstance(t, torch.Tensor):
+            return t
+    raise TypeError(f"unexpected CLIP output {type(out).__name__}")
+
+
+def build_backbone(spec: BackboneSpec | dict | None) -> ClipBackbone:
+    spec = spec if isinstance(spec, BackboneSpec) else BackboneSpec.from_dict(spec)
+    if spec.kind == "open_clip":
+        return OpenClipBackbone(spec.model, spec.pretrained or None)
+    return HFClipBackbone(spec.model, load_weights=bool(spec.pretrained), **spec.extra)

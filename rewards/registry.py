@@ -1,0 +1,328 @@
+"""Rewards by name or import path, their checkpoints, and weighted sums of several.
+
+A reward spec (one entry of a config's ``rewards:`` list)::
+
+    {name: ict, weight: 1.0, checkpoint: models:/ict/3, placement: server,
+     options: {backbone: tiny}}
+
+``name`` is a built-in (see :func:`list_rewards`) or ``package.module:factory``; ``checkpoint``
+is a local file or folder, a hub id, or an MLflow model URI (``models:/name/version``,
+``models:/name@alias``, ``runs:/...``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rewards.backbones import TINY_HF_CLIP_DIR, TINY_OPEN_CLIP, BackboneSpec, build_backbone
+from rewards.base import RewardModel, check_images
+from rewards.checkpoints import find_file, load_state_dict_file, strict_load
+from rewards.hp import AestheticReward, HPReward
+from rewards.ict import ClipCosineReward
+from rewards.ict_hp import ICTHPReward
+
+log = logging.getLogger(__name__)
+
+PLACEMENTS = ("colocated", "server")
+REWARD_FILE = "reward.json"
+WEIGHTS_FILE = "model.safetensors"
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_BACKBONE_ALIASES = {
+    "tiny": {"kind": "open_clip", "model": TINY_OPEN_CLIP},
+    "tiny-hf": {"kind": "hf", "model": str(TINY_HF_CLIP_DIR)},
+}
+PAPER_BACKBONE = {"kind": "open_clip", "model": "ViT-H-14", "pretrained": "laion2b_s32b_b79k"}
+
+
+@dataclass
+class RewardSpec:
+    name: str
+    weight: float = 1.0
+    checkpoint: str | None = None
+    placement: str = "colocated"
+    label: str | None = None
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict | str, where: str = "reward") -> RewardSpec:
+        if isinstance(d, str):
+            d = {"name": d}
+        if not isinstance(d, dict):
+            raise ValueError(f"{where} must be a mapping with a 'name', got {d!r}")
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}")
+        if "name" not in d or not d["name"]:
+            raise ValueError(f"{where}.name is required")
+        spec = cls(**d)
+        if not isinstance(spec.weight, (int, float)):
+            raise ValueError(f"{where}.weight={spec.weight!r} must be a number")
+        if spec.placement not in PLACEMENTS:
+            raise ValueError(f"{where}.placement={spec.placement!r} must be one of {PLACEMENTS}")
+        if spec.name not in BUILTINS and ":" not in spec.name:
+            raise ValueError(
+                f"{where}.name={spec.name!r} is not a known reward "
+                f"(built-ins: {', '.join(sorted(BUILTINS))}; or use 'package.module:factory')"
+            )
+        return spec
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name.split(":")[-1]
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def resolve_checkpoint(ref: str | os.PathLike) -> Path:
+    """A local path for a checkpoint reference: local path, MLflow URI, or hub id."""
+    ref = str(ref)
+    if ref.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+        import mlflow
+
+        return Path(mlflow.artifacts.download_artifacts(ref))
+    if os.path.exists(ref):
+        return Path(ref)
+    if _HUB_ID.match(ref):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(ref))
+        except Exception as e:
+            raise FileNotFoundError(f"cannot fetch checkpoint {ref!r} from the hub: {e}") from e
+    raise FileNotFoundError(f"checkpoint {ref!r} is not a local path, MLflow URI or hub id")
+
+
+def save_reward(model: RewardModel, folder: str | os.PathLike) -> Path:
+    """Write ``reward.json`` + ``model.safetensors`` (our own format), atomically per file."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"format": 1, "name": model.reward_name, "options": model.reward_options}
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = folder / (WEIGHTS_FILE + ".tmp")
+    save_file(sd, str(tmp))
+    os.replace(tmp, folder / WEIGHTS_FILE)
+    tmp = folder / (REWARD_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, folder / REWARD_FILE)
+    return folder
+
+
+def load_reward(folder: str | os.PathLike) -> RewardModel:
+    """Inverse of :func:`save_reward`; builds the architecture without pretrained weights."""
+    folder = Path(folder)
+    meta = json.loads((folder / REWARD_FILE).read_text())
+    options = _without_pretrained(meta["options"])
+    model = build_reward(RewardSpec(name=meta["name"], options=options))
+    strict_load(model, load_state_dict_file(folder / WEIGHTS_FILE), what=str(folder))
+    return model
+
+
+def _without_pretrained(options: dict) -> dict:
+    out = {}
+    for k, v in options.items():
+        if k == "backbone" and isinstance(v, dict):
+            v = {**v, "pretrained": None} if v.get("kind", "open_clip") == "open_clip" else v
+        elif isinstance(v, dict):
+            v = _without_pretrained(v)
+        out[k] = v
+    return out
+
+
+# --------------------------------------------------------------------------- built-ins
+
+
+def _backbone(options: dict, default: dict | str) -> BackboneSpec:
+    b = options.get("backbone", default)
+    b = _BACKBONE_ALIASES.get(b, b) if isinstance(b, str) else b
+    return BackboneSpec.from_dict(b)
+
+
+def _tag(model: RewardModel, name: str, options: dict) -> RewardModel:
+    model.reward_name, model.reward_options = name, options
+    return model
+
+
+def _build_cosine(name: str, default_backbone, **kw):
+    def factory(options: dict, ckpt: Path | None) -> RewardModel:
+        spec = _backbone(options, default_backbone)
+        if name == "pickscore" and ckpt is not None:
+            spec = BackboneSpec("hf", str(ckpt), True)
+            ckpt = None
+        opts = {**options, "backbone": spec.to_dict()}
+        model = ClipCosineReward(build_backbone(spec), **kw)
+        if ckpt is not None:
+            # A bare CLIP state dict: the released ICT (CLIPModel) or HPSv2 (open_clip).
+            path = ckpt if ckpt.is_file() else find_file(ckpt, *_CLIP_FILES)
+            strict_load(model.backbone.model, load_state_dict_file(path), what=str(path))
+        return _tag(model, name, opts)
+
+    return factory
+
+
+_CLIP_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors")
+_HEAD_FILES = ("mlp_pytorch_model.bin", "model.safetensors", "pytorch_model.bin")
+
+
+def _build_hp(options: dict, ckpt: Path | None) -> RewardModel:
+    spec = _backbone(options, PAPER_BACKBONE)
+    opts = {**options, "backbone": spec.to_dict()}
+    model = HPReward(
+        build_backbone(spec), head=options.get("head"), normalize=options.get("normalize", False)
+    )
+    if ckpt is not None:
+        # The released layout: hp_backbone/<CLIPModel state dict>, hp_scorer/<MLP state dict>.
+        bb = find_file(ckpt / "hp_backbone", *_CLIP_FILES)
+        head = find_file(ckpt / "hp_scorer", *_HEAD_FILES)
+        strict_load(model.backbone.model, load_state_dict_file(bb), what=str(bb))
+        strict_load(model.head, load_state_dict_file(head), what=str(head))
+    return _tag(model, "hp", opts)
+
+
+def _build_aesthetic(options: dict, ckpt: Path | None) -> RewardModel:
+    spec = _backbone(options, {"kind": "open_clip", "model": "ViT-L-14", "pretrained": "openai"})
+    model = AestheticReward(build_backbone(spec), head=options.get("head"))
+    if ckpt is not None:
+        path = ckpt if ckpt.is_file() else find_file(ckpt, *_HEAD_FILES)
+        strict_load(model.head, load_state_dict_file(path), what=str(path))
+    return _tag(model, "aesthetic", {**options, "backbone": spec.to_dict()})
+
+
+def _build_ict_hp(options: dict, ckpt: Path | None) -> RewardModel:
+    if ckpt is not None:
+        raise ValueError(
+            "ict_hp takes no checkpoint of its own: give options.ict.checkpoint and "
+            "options.hp.checkpoint"
+        )
+    parts = {}
+    for part in ("ict", "hp"):
+        sub = dict(options.get(part) or {})
+        sub.setdefault("options", {})
+        if "backbone" in options:
+            sub["options"].setdefault("backbone", options["backbone"])
+        parts[part] = build_reward(RewardSpec.from_dict({"name": part, **sub}, f"options.{part}"))
+    model = ICTHPReward(parts["ict"], parts["hp"])
+    return _tag(model, "ict_hp", options)
+
+
+BUILTINS: dict[str, tuple[Callable, str]] = {
+    "ict": (_build_cosine("ict", PAPER_BACKBONE), "ICT: cosine of a CLIP fine-tuned on ICT labels"),
+    "hp": (_build_hp, "HP: CLIP image tower + MLP head, sigmoid score (image only)"),
+    "ict_hp": (_build_ict_hp, "ICT x HP"),
+    "clip": (_build_cosine("clip", PAPER_BACKBONE), "CLIP score: cosine of a pretrained CLIP"),
+    "pickscore": (
+        _build_cosine(
+            "pickscore",
+            {"kind": "hf", "model": "yuvalkirstain/PickScore_v1", "pretrained": True},
+            use_logit_scale=True,
+        ),
+        "PickScore: transformers CLIPModel, logit_scale * cosine",
+    ),
+    "hpsv2": (
+        _build_cosine("hpsv2", {"kind": "open_clip", "model": "ViT-H-14"}),
+        "HPSv2: open_clip ViT-H-14 + HPS_v2 checkpoint, cosine",
+    ),
+    "aesthetic": (_build_aesthetic, "LAION aesthetic MLP on CLIP ViT-L/14 image features"),
+}
+_DEFAULT_CHECKPOINTS = {"hpsv2": "xswu/HPSv2"}
+
+
+def list_rewards() -> dict[str, str]:
+    """Built-in reward names and a line about each."""
+    return {k: v[1] for k, v in BUILTINS.items()}
+
+
+class _CallableReward(RewardModel):
+    """Adapts a user's plain callable to the validated interface."""
+
+    def __init__(self, fn: Callable, name: str):
+        super().__init__()
+        self.fn = fn
+        if isinstance(fn, nn.Module):
+            self.add_module("module", fn)
+        self.reward_name, self.reward_options = name, {}
+
+    def score(self, images, prompts):
+        return self.fn(images, prompts)
+
+
+def _import_factory(path: str) -> Callable:
+    mod_name, _, attr = path.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ValueError(f"reward {path!r}: cannot import module {mod_name!r}: {e}") from e
+    if not hasattr(mod, attr):
+        raise ValueError(f"reward {path!r}: module {mod_name!r} has no attribute {attr!r}")
+    return getattr(mod, attr)
+
+
+def build_reward(spec: RewardSpec | dict | str) -> RewardModel:
+    """Build one reward model (weights loaded, in eval mode) from a spec."""
+    if not isinstance(spec, RewardSpec):
+        spec = RewardSpec.from_dict(spec)
+    ckpt = spec.checkpoint or _DEFAULT_CHECKPOINTS.get(spec.name)
+    path = resolve_checkpoint(ckpt) if ckpt else None
+    if path is not None and (path / REWARD_FILE).is_file():
+        model = load_reward(path)
+    elif ":" in spec.name:
+        factory = _import_factory(spec.name)
+        kwargs = dict(spec.options)
+        if path is not None:
+            kwargs["checkpoint"] = str(path)
+        out = factory(**kwargs)
+        model = out if isinstance(out, RewardModel) else _CallableReward(out, spec.name)
+        if not hasattr(model, "reward_name"):
+            _tag(model, spec.name, dict(spec.options))
+    else:
+        model = BUILTINS[spec.name][0](dict(spec.options), path)
+    return model.eval()
+
+
+class WeightedReward(RewardModel):
+    """``score = sum_j w_j * r_j(images, prompts)``; components are kept for logging."""
+
+    def __init__(self, components: dict[str, RewardModel], weights: dict[str, float]):
+        super().__init__()
+        self.components = nn.ModuleDict(components)
+        self.weights = dict(weights)
+
+    def score_components(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Each component's scores ``(B,)``, unweighted."""
+        check_images(images, prompts)
+        return {k: m.score(images, prompts) for k, m in self.components.items()}
+
+    def combine(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(self.weights[k] * s for k, s in scores.items())
+
+    def score(self, images, prompts):
+        return self.combine(self.score_components(images, prompts))
+
+
+def build_weighted(specs: list[dict | RewardSpec | str]) -> WeightedReward:
+    """Build every component of a reward list; keys are ``label`` or the short name."""
+    if not specs:
+        raise ValueError("rewards: the list is empty; give at least one reward")
+    parsed = [
+        s if isinstance(s, RewardSpec) else RewardSpec.from_dict(s, f"rewards[{i}]")
+        for i, s in enumerate(specs)
+    ]
+    keys = [s.key for s in parsed]
+    dup = {k for k in keys if keys.count(k) > 1}
+    if dup:
+        raise ValueError(f"rewards: duplicate component name(s) {sorted(dup)}; set 'label'")
+    return WeightedReward(
+        {s.key: build_reward(s) for s in parsed}, {s.key: float(s.weight) for s in parsed}
+    )
