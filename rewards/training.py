@@ -1,0 +1,440 @@
+"""Reward-model training: config, objective, data, one plain loop.
+
+The same pieces run in a single plain process (tests, benchmarks) and inside a Ray Train
+worker (:mod:`rlhf.train_reward`), which only adds the process group, reporting and
+checkpointing around :func:`run_training`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+
+from rewards.data import TripletDataset, collate_triplets
+from rewards.evaluate import preference_accuracy, score_triplets
+from rewards.labels import fill_labels, rule_labels, teacher_labels
+from rewards.losses import hp_loss, ict_hp_loss, ict_loss
+from rewards.registry import RewardSpec, build_reward
+
+log = logging.getLogger(__name__)
+KINDS = ("ict", "hp")
+
+
+@dataclass
+class DataConfig:
+    """``train``/``eval``: a Parquet triplet file, or ``synthetic`` (generated and cached)."""
+
+    train: str = "synthetic"
+    eval: str = "synthetic"
+    image_root: str | None = None
+    image_size: int = 64
+    synthetic_train: int = 2000
+    synthetic_eval: int = 400
+    synthetic_seed: int = 0
+    cache_dir: str = ".rlhf_cache/data"
+
+
+@dataclass
+class LabelConfig:
+    """Where ICT labels come from: ``data`` (the E1/E2/R1/R2 columns), ``teacher`` (a CLIP
+    cosine reward spec, thresholded by ``theta``; data labels win where present), ``rule``
+    (fixed E1/E2 and word-overlap similarity, for synthetic triplets)."""
+
+    source: str = "data"
+    theta: float = 0.3
+    teacher: dict | None = None
+    rule_e1: float = 0.6
+    rule_e2: float = 0.9
+
+
+@dataclass
+class LossConfig:
+    neg_weight: float = 0.5
+    neg_scale: float = 20.0
+    neg_threshold: float = 6.0
+    neg_sharpness: float = 20.0
+    margin: float = 0.3
+    hp_weight: float = 1.0
+    icthp_weight: float = 0.0
+
+
+@dataclass
+class FreezeConfig:
+    text_fraction: float = 0.0
+    vision_fraction: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    epochs: int = 1
+    max_steps: int | None = None
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    strategy: str = "ddp"
+    zero_stage: int = 2
+
+
+@dataclass
+class CheckpointConfig:
+    keep: int = 2
+    storage_path: str | None = None
+
+
+@dataclass
+class MlflowConfig:
+    experiment: str = "reward-models"
+    register_as: str | None = None
+    tracking_uri: str | None = None
+
+
+@dataclass
+class RewardTrainConfig:
+    """``rlhf train-reward`` config. ``model`` is a reward spec without its name (the name is
+    ``kind``); ``ict_model`` a frozen trained ICT used by HP's ICT-HP loss term."""
+
+    name: str = "reward"
+    kind: str = "ict"
+    model: dict = field(default_factory=dict)
+    ict_model: dict | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    eval_every: int = 50
+    seed: int = 0
+
+    def validate(self) -> RewardTrainConfig:
+        """Raise ``ValueError`` naming the key for values that would fail later."""
+        if self.kind not in KINDS:
+            raise ValueError(f"kind={self.kind!r} must be one of {KINDS}")
+        RewardSpec.from_dict({"name": self.kind, **self.model}, "model")
+        for split in ("train", "eval"):
+            p = getattr(self.data, split)
+            if p != "synthetic" and not Path(p).exists():
+                raise ValueError(f"data.{split}={p!r}: no such file (or use 'synthetic')")
+        if self.labels.source not in ("data", "teacher", "rule"):
+            raise ValueError(f"labels.source={self.labels.source!r} must be data, teacher or rule")
+        if self.labels.source == "teacher" and not self.labels.teacher:
+            raise ValueError("labels.teacher must be a reward spec when labels.source=teacher")
+        if self.labels.theta <= 0:
+            raise ValueError(f"labels.theta={self.labels.theta} must be > 0")
+        if self.loss.icthp_weight > 0 and not self.ict_model:
+            raise ValueError("loss.icthp_weight > 0 needs ict_model (a trained ICT spec)")
+        if self.loss.icthp_weight > 0 and self.kind != "hp":
+            raise ValueError("loss.icthp_weight applies to kind=hp only")
+        if self.scaling.num_workers < 1:
+            raise ValueError(f"scaling.num_workers={self.scaling.num_workers} must be >= 1")
+        if self.scaling.strategy not in ("ddp", "deepspeed"):
+            raise ValueError(f"scaling.strategy={self.scaling.strategy!r} must be ddp or deepspeed")
+        for key, val in (
+            ("optim.batch_size", self.optim.batch_size),
+            ("optim.epochs", self.optim.epochs),
+            ("eval_every", self.eval_every),
+            ("checkpoint.keep", self.checkpoint.keep),
+        ):
+            if val < 1:
+                raise ValueError(f"{key}={val} must be >= 1")
+        if self.optim.lr <= 0:
+            raise ValueError(f"optim.lr={self.optim.lr} must be > 0")
+        for key in ("text_fraction", "vision_fraction"):
+            v = getattr(self.freeze, key)
+            if not 0 <= v <= 1:
+                raise ValueError(f"freeze.{key}={v} must be in [0, 1]")
+        return self
+
+
+# --------------------------------------------------------------------------- data
+
+
+def dataset_path(cfg: DataConfig, split: str) -> Path:
+    """The Parquet file for ``split``, generating synthetic triplets on first use."""
+    p = getattr(cfg, split)
+    if p != "synthetic":
+        return Path(p)
+    from rewards.synthetic import write_synthetic_parquet
+
+    n = cfg.synthetic_train if split == "train" else cfg.synthetic_eval
+    # Eval triplets use another seed so that they are held out.
+    seed = cfg.synthetic_seed + (0 if split == "train" else 10_000)
+    out = Path(cfg.cache_dir) / f"synthetic_{split}_n{n}_s{seed}_px{cfg.image_size}.parquet"
+    if not out.exists():
+        write_synthetic_parquet(out, n, seed=seed, image_size=cfg.image_size)
+    return out
+
+
+def make_dataset(cfg: DataConfig, split: str) -> TripletDataset:
+    return TripletDataset(
+        dataset_path(cfg, split), image_root=cfg.image_root, image_size=cfg.image_size
+    )
+
+
+class _SkippingSampler(DistributedSampler):
+    """A DistributedSampler that can start part-way into an epoch (resume)."""
+
+    skip = 0
+
+    def __iter__(self):
+        it = super().__iter__()
+        for _ in range(self.skip):
+            next(it, None)
+        return it
+
+
+def make_train_loader(
+    ds: TripletDataset, batch_size: int, rank: int, world: int, seed: int
+) -> DataLoader:
+    """Each rank gets ``batch_size`` triplets per step; every triplet is seen once per epoch
+    (the tail that does not fill a global batch is dropped)."""
+    sampler = _SkippingSampler(
+        ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
+    )
+    return DataLoader(
+        ds, batch_size=batch_size, sampler=sampler, collate_fn=collate_triplets, drop_last=True
+    )
+
+
+def make_eval_loader(ds: TripletDataset, batch_size: int) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate_triplets)
+
+
+# --------------------------------------------------------------------------- objective
+
+
+def _gather(t: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0 with gradient (so in-batch negatives span every rank).
+
+    Ranks may hold different batch sizes (corrupt rows are dropped), so rows are padded to
+    the largest and the padding cut off again.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    import torch.distributed.nn as dist_nn
+
+    world = dist.get_world_size()
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(x) for x in sizes]
+    pad = max(sizes) - t.shape[0]
+    if pad:
+        t = torch.cat([t, t.new_zeros(pad, *t.shape[1:])])
+    parts = dist_nn.all_gather(t.contiguous())
+    return torch.cat([p[:k] for p, k in zip(parts, sizes)])
+
+
+class Objective:
+    """``batch -> {"loss": scalar, <parts>...}`` for ICT or HP training."""
+
+    def __init__(self, cfg: RewardTrainConfig, model, teacher=None, ict_model=None):
+        self.cfg, self.model, self.teacher, self.ict_model = cfg, model, teacher, ict_model
+
+    def labels(self, batch) -> torch.Tensor:
+        lc = self.cfg.labels
+        labels = batch["labels"]
+        if lc.source == "rule":
+            rows = [
+                rule_labels(e, r, lc.rule_e1, lc.rule_e2)
+                for e, r in zip(batch["easy_prompt"], batch["refine_prompt"])
+            ]
+            return torch.tensor(rows, dtype=labels.dtype)
+        computed = None
+        if lc.source == "teacher" and torch.isnan(labels).any():
+            computed = teacher_labels(
+                self.teacher,
+                batch["images"],
+                batch["easy_prompt"],
+                batch["refine_prompt"],
+                lc.theta,
+            )
+        return fill_labels(labels, computed)
+
+    def __call__(self, batch) -> dict[str, torch.Tensor]:
+        images = batch["images"]  # (B, 3, 3, H, W)
+        b = images.shape[0]
+        flat = images.reshape(b * 3, *images.shape[2:])
+        lc = self.cfg.loss
+        if self.cfg.kind == "ict":
+            text = self.model.text_features(
+                list(batch["easy_prompt"]) + list(batch["refine_prompt"])
+            )
+            easy, ref = text.chunk(2)
+            img = self.model.image_features(flat).view(b, 3, -1)
+            labels = self.labels(batch).to(img)
+            return ict_loss(
+                _gather(easy),
+                _gather(ref),
+                _gather(img),
+                _gather(labels),
+                lc.neg_weight,
+                lc.neg_scale,
+                lc.neg_threshold,
+                lc.neg_sharpness,
+            )
+        logits = self.model.logits(flat).view(b, 3)
+        out = hp_loss(logits, lc.margin)
+        out["loss"] = lc.hp_weight * out["loss"]
+        if lc.icthp_weight > 0:
+            with torch.no_grad():
+                cos = self.ict_model.score(flat, list(batch["easy_prompt"]) * 3).view(3, b).T
+            extra = ict_hp_loss(cos, logits, lc.margin)
+            out.update({k: v for k, v in extra.items() if k != "loss"})
+            out["loss"] = out["loss"] + lc.icthp_weight * extra["loss"]
+        return out
+
+
+def build_model(cfg: RewardTrainConfig):
+    """The trainable reward model (train mode, freezing applied), plus the frozen helpers."""
+    model = build_reward(RewardSpec.from_dict({"name": cfg.kind, **cfg.model}, "model")).train()
+    model.backbone.freeze(cfg.freeze.text_fraction, cfg.freeze.vision_fraction)
+    if cfg.kind == "hp":
+        # HP never uses the text tower; keep it out of the optimizer and of DDP's bookkeeping.
+        model.backbone.freeze(text_fraction=1.0)
+    teacher = ict_model = None
+    if cfg.labels.source == "teacher":
+        teacher = build_reward(RewardSpec.from_dict(cfg.labels.teacher, "labels.teacher"))
+        teacher.requires_grad_(False)
+    if cfg.ict_model:
+        ict_model = build_reward(
+            RewardSpec.from_dict({"name": "ict", **cfg.ict_model}, "ict_model")
+        )
+        ict_model.requires_grad_(False)
+    return model, teacher, ict_model
+
+
+def make_optimizer(cfg: OptimConfig, params, total_steps: int):
+    params = [p for p in params if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def lr_lambda(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        span = max(1, total_steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+
+
+def total_steps(cfg: RewardTrainConfig, n_train: int) -> int:
+    per_epoch = n_train // (cfg.optim.batch_size * cfg.scaling.num_workers)
+    if per_epoch < 1:
+        raise ValueError(
+            f"data.train has {n_train} triplets, fewer than one global batch "
+            f"(optim.batch_size={cfg.optim.batch_size} x scaling.num_workers="
+            f"{cfg.scaling.num_workers})"
+        )
+    steps = per_epoch * cfg.optim.epochs
+    return min(steps, cfg.optim.max_steps) if cfg.optim.max_steps else steps
+
+
+def evaluate_model(model, loader, device="cpu") -> dict[str, float]:
+    was = model.training
+    model.eval()
+    try:
+        return preference_accuracy(score_triplets(model, loader, device, progress=False))
+    finally:
+        model.train(was)
+
+
+@dataclass
+class StepResult:
+    step: int
+    epoch: int
+    metrics: dict[str, float]
+
+
+def run_training(
+    cfg: RewardTrainConfig,
+    model,
+    objective: Callable,
+    train_ds: TripletDataset,
+    eval_loader: DataLoader | None,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    backward: Callable | None = None,
+    step_fn: Callable | None = None,
+    optimizer=None,
+    scheduler=None,
+    start_step: int = 0,
+    on_step: Callable[[StepResult, bool], None] | None = None,
+):
+    """The training loop shared by the plain process and Ray Train workers.
+
+    ``backward``/``step_fn`` default to ``loss.backward()`` and clip + optimizer + scheduler
+    steps (DeepSpeed passes its engine's). Resumes at ``start_step`` (epoch and batch offset
+    derived from it). ``on_step(result, is_eval)`` receives metrics each step; eval metrics
+    (``eval/I2>I1`` ...) are added every ``eval_every`` steps and at the last step.
+    """
+    total = total_steps(cfg, len(train_ds))
+    per_epoch = len(train_ds) // (cfg.optim.batch_size * world)
+    loader = make_train_loader(train_ds, cfg.optim.batch_size, rank, world, cfg.seed)
+    if optimizer is None:
+        optimizer, scheduler = make_optimizer(cfg.optim, model.parameters(), total)
+    backward = backward or (lambda loss: loss.backward())
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def default_step():
+        if cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step_fn = step_fn or default_step
+    step = start_step
+    t_last, n_since = time.perf_counter(), 0
+    while step < total:
+        epoch, offset = divmod(step, per_epoch)
+        loader.sampler.set_epoch(epoch)
+        loader.sampler.skip = offset * cfg.optim.batch_size
+        for batch in loader:
+            out = objective(batch)
+            loss = out["loss"]
+            skipped = not torch.isfinite(loss)
+            if skipped:
+                log.warning("step %d: non-finite loss %s, update skipped", step, loss.item())
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                backward(loss)
+                step_fn()
+            step += 1
+            n_since += batch["images"].shape[0] * world
+            metrics = {k: float(v.detach()) for k, v in out.items()}
+            metrics["lr"] = float(optimizer.param_groups[0]["lr"])
+            metrics["skipped"] = float(skipped)
+            now = time.perf_counter()
+            metrics["triplets_per_s"] = n_since / max(now - t_last, 1e-9)
+            t_last, n_since = now, 0
+            is_eval = eval_loader is not None and (step % cfg.eval_every == 0 or step == total)
+            if is_eval:
+                metrics.update(
+                    {f"eval/{k}": v for k, v in evaluate_model(model, eval_loader).items()}
+                )
+            if on_step:
+                on_step(StepResult(step, epoch, metrics), is_eval)
+            if step >= total:
+                break
+    return model

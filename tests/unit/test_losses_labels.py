@@ -1,0 +1,101 @@
+import math
+
+import pytest
+import torch
+
+from rewards.evaluate import format_table, preference_accuracy
+from rewards.labels import fill_labels, labels_from_cosines, rule_labels, thresholded
+from rewards.losses import hp_loss, ict_hp_loss, ict_loss, negative_weights
+
+
+def test_thresholded_labels_hand_computed():
+    labels = labels_from_cosines(
+        torch.tensor([0.2, 0.35]), torch.tensor([0.25, 0.25]), torch.tensor([0.9, 0.5]), theta=0.3
+    )
+    e2 = 0.25 / 0.3
+    expected = torch.tensor(
+        [
+            [0.2 / 0.3, e2, 0.2 / 0.3 * 0.9, e2 * 0.9],
+            # C(I1)=min(0.35/0.3, 1)=1 is capped by E2 so that E1 <= E2.
+            [e2, e2, e2 * 0.5, e2 * 0.5],
+        ]
+    )
+    torch.testing.assert_close(labels, expected)
+    assert thresholded(torch.tensor(0.6), 0.3).item() == 1.0
+    with pytest.raises(ValueError, match="theta"):
+        thresholded(torch.tensor(0.1), 0.0)
+
+
+def test_labels_from_data_win_and_each_from_its_own_column():
+    data = torch.tensor([[0.1, 0.2, 0.3, 0.4], [float("nan")] * 4])
+    computed = torch.full((2, 4), 0.9)
+    out = fill_labels(data, computed)
+    torch.testing.assert_close(out[0], torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    torch.testing.assert_close(out[1], torch.full((4,), 0.9))
+    with pytest.raises(ValueError, match="teacher"):
+        fill_labels(data, None)
+
+
+def test_rule_labels():
+    e1, e2, r1, r2 = rule_labels("a red circle", "a red circle glossy", e1=0.5, e2=0.8)
+    assert (e1, e2) == (0.5, 0.8)
+    assert r1 == pytest.approx(0.5 * 3 / 4) and r2 == pytest.approx(0.8 * 3 / 4)
+
+
+def test_hp_margin_loss_hand_computed():
+    logits = torch.tensor([[0.0, 0.5, 0.6], [1.0, 0.0, 0.0]])
+    out = hp_loss(logits, margin=0.3)
+    assert out["hp_21"].item() == pytest.approx((0.0 + 1.3) / 2)
+    assert out["hp_32"].item() == pytest.approx((0.2 + 0.3) / 2)
+    assert out["loss"].item() == pytest.approx(0.65 + 0.25)
+
+
+def test_ict_loss_positives_hand_computed():
+    easy = torch.tensor([[1.0, 0.0]])
+    ref = torch.tensor([[0.0, 1.0]])
+    imgs = torch.tensor([[[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]]])
+    labels = torch.tensor([[0.5, 0.6, 0.2, 0.3]])
+    out = ict_loss(easy, ref, imgs, labels)
+    # easy cosines (1, .6, 0) vs (.5, .6, 1); refined (0, .8, 1) vs (.2, .3, 1)
+    assert out["ict_easy"].item() == pytest.approx(1.25 / 3)
+    assert out["ict_refine"].item() == pytest.approx(0.29 / 3)
+    assert out["ict_neg"].item() == 0.0
+    assert out["loss"].item() == pytest.approx(1.54 / 3)
+
+
+def test_ict_loss_in_batch_negatives_weighted_on_scaled_logits():
+    easy = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    ref = easy.clone()
+    # triplet 0's images all equal e0, triplet 1's all e1 -> off-diagonal cosines are 0 except
+    # we tilt triplet 1's images to give prompt 0 a cosine of 0.3 with them.
+    c, s = 0.3, math.sqrt(1 - 0.09)
+    imgs = torch.tensor([[[1.0, 0.0]] * 3, [[c, s]] * 3])
+    labels = torch.ones(2, 4)
+    out = ict_loss(easy, ref, imgs, labels, neg_weight=0.5, neg_scale=20.0)
+    # negatives per prompt kind: (prompt0, triplet1) cos .3 x3 images, (prompt1, triplet0) cos 0 x3
+    w = 1 / (1 + math.exp(20 * (abs(20 * 0.3) - 6)))  # = 0.5 exactly at the threshold
+    per_kind = (3 * w * 0.09 + 3 * 1.0 * 0.0) / 6
+    assert out["ict_neg"].item() == pytest.approx(2 * per_kind, rel=1e-5)
+    assert w == pytest.approx(0.5)
+    # the reference applied the weight to raw cosines: there it would always be ~1
+    assert negative_weights(torch.tensor(0.3), scale=1.0).item() == pytest.approx(1.0)
+    assert negative_weights(torch.tensor(0.5), scale=20.0).item() < 1e-6
+
+
+def test_ict_hp_loss_uses_softmax_of_hp_over_triplet():
+    cos = torch.tensor([[0.5, 0.5, 0.5]])
+    hp = torch.tensor([[0.0, 0.0, 0.0]])  # softmax = 1/3 each -> all products equal
+    out = ict_hp_loss(cos, hp, margin=0.3)
+    assert out["loss"].item() == pytest.approx(0.6)
+
+
+def test_preference_accuracy_strict_ties_wrong():
+    scores = torch.tensor([[1.0, 1.0, 2.0], [1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
+    acc = preference_accuracy(scores)
+    assert acc["I2>I1"] == pytest.approx(100 / 3)
+    assert acc["I3>I2"] == pytest.approx(200 / 3)
+    assert acc["I3>I1"] == pytest.approx(200 / 3)
+    assert acc["mean"] == pytest.approx(500 / 9)
+    assert "| r | 55.56 | 33.33 | 66.67 | 66.67 |" in format_table({"r": acc})
+    with pytest.raises(ValueError, match="shape"):
+        preference_accuracy(torch.zeros(3, 2))
