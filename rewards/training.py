@@ -413,7 +413,12 @@ def run_training(
         for batch in loader:
             out = objective(batch)
             loss = out["loss"]
-            skipped = not torch.isfinite(loss)
+            skipped = not bool(torch.isfinite(loss.detach()))
+            if dist.is_available() and dist.is_initialized():
+                # All ranks skip together, or the gradient all-reduce would hang.
+                flag = torch.tensor([float(skipped)], device=loss.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                skipped = bool(flag.item())
             if skipped:
                 log.warning("step %d: non-finite loss %s, update skipped", step, loss.item())
                 optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,187 @@
+"""The ``rlhf`` command line: parses, validates and calls into the library.
+
+Known errors (bad config, bad data, missing files) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+from rlhf.config import ConfigError
+
+log = logging.getLogger("rlhf")
+
+
+def _reward_arg(text: str) -> dict:
+    """``ict`` or a YAML mapping ``{name: ict, checkpoint: models:/ict/1}``."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            spec = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise argparse.ArgumentTypeError(f"cannot parse reward spec {text!r}: {e}") from e
+        if not isinstance(spec, dict):
+            raise argparse.ArgumentTypeError(f"reward spec {text!r} must be a mapping")
+        return spec
+    return {"name": text}
+
+
+def cmd_rewards_list(args) -> int:
+    from rewards.registry import list_rewards
+
+    for name, doc in list_rewards().items():
+        print(f"{name:<10} {doc}")
+    print("\nAny 'package.module:factory' import path works too; see README.")
+    return 0
+
+
+def cmd_data_synth(args) -> int:
+    from rewards.synthetic import write_synthetic_parquet
+
+    out = write_synthetic_parquet(args.out, args.n, seed=args.seed, image_size=args.image_size)
+    print(f"wrote {args.n} synthetic triplets to {out}")
+    return 0
+
+
+def cmd_data_convert(args) -> int:
+    from rewards.data import convert_pickhigh
+
+    counts = convert_pickhigh(
+        args.pickle,
+        args.root,
+        args.split,
+        args.out,
+        allow_pickle=args.allow_pickle,
+        embed_images=not args.no_embed,
+    )
+    print(f"wrote {counts['written']} triplets to {args.out} ({counts['skipped']} skipped)")
+    return 0
+
+
+def cmd_eval_reward(args) -> int:
+    from rewards.data import TripletDataset
+    from rewards.evaluate import format_table, preference_accuracy, score_triplets, write_json
+    from rewards.registry import RewardSpec, build_reward
+    from rewards.training import make_eval_loader
+
+    specs = [RewardSpec.from_dict(s, f"--reward[{i}]") for i, s in enumerate(args.reward)]
+    ds = TripletDataset(args.data, image_root=args.image_root, image_size=args.image_size)
+    loader = make_eval_loader(ds, args.batch_size)
+    results = {}
+    for spec in specs:
+        reward = build_reward(spec)
+        results[spec.label or spec.name] = preference_accuracy(score_triplets(reward, loader))
+    print(format_table(results))
+    if ds.num_skipped:
+        print(f"({ds.num_skipped} corrupt or missing triplets skipped)")
+    if args.json:
+        write_json({"data": str(args.data), "skipped": ds.num_skipped, "results": results}, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_train_reward(args) -> int:
+    from rewards.training import RewardTrainConfig
+    from rlhf.config import load_config
+    from rlhf.train_reward import run_job
+
+    cfg = load_config(RewardTrainConfig, args.config, args.overrides)
+    summary = run_job(cfg)
+    print(
+        f"done: {cfg.kind} run {summary['run_id']} best mean acc {summary['best_mean_acc']:.2f}% "
+        f"at step {summary['best_step']}; registered {summary['model_uri']}"
+    )
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    from rlhf.quickstart import run_quickstart
+
+    run_quickstart(out=Path(args.out), fast=args.fast)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlhf", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quickstart", help="CPU end-to-end demo on tiny models (no downloads)")
+    q.add_argument("--out", default="quickstart_out", help="folder for data, results, images")
+    q.add_argument("--fast", action="store_true", help="fewer steps (for tests)")
+    q.set_defaults(func=cmd_quickstart)
+
+    r = sub.add_parser("rewards", help="reward registry")
+    rs = r.add_subparsers(dest="rewards_cmd", required=True)
+    rs.add_parser("list", help="list built-in rewards").set_defaults(func=cmd_rewards_list)
+
+    d = sub.add_parser("data", help="triplet data tools")
+    ds = d.add_subparsers(dest="data_cmd", required=True)
+    s = ds.add_parser("synth", help="write synthetic triplets to Parquet")
+    s.add_argument("out")
+    s.add_argument("--n", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--image-size", type=int, default=64)
+    s.set_defaults(func=cmd_data_synth)
+    c = ds.add_parser("convert", help="convert the public Pick-High release to Parquet")
+    c.add_argument("--pickle", required=True, help="the split's pickled pandas frame")
+    c.add_argument("--root", required=True, help="folder holding pick_easy_img/ and pick_refine_img/")
+    c.add_argument("--split", required=True)
+    c.add_argument("--out", required=True)
+    c.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="reading a pickle runs code from the file: only for files you trust",
+    )
+    c.add_argument("--no-embed", action="store_true", help="keep image paths, not bytes")
+    c.set_defaults(func=cmd_data_convert)
+
+    e = sub.add_parser("eval-reward", help="preference accuracy of rewards on triplets")
+    e.add_argument("data", help="Parquet triplet file")
+    e.add_argument(
+        "--reward",
+        action="append",
+        type=_reward_arg,
+        required=True,
+        help="a name, or a YAML mapping like '{name: ict, checkpoint: models:/ict/1}'; repeatable",
+    )
+    e.add_argument("--image-root", default=None)
+    e.add_argument("--image-size", type=int, default=224)
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--json", default=None, help="also write the results here")
+    e.set_defaults(func=cmd_eval_reward)
+
+    t = sub.add_parser("train-reward", help="train ICT or HP as a Ray Train job")
+    t.add_argument("config")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4")
+    t.set_defaults(func=cmd_train_reward)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    # open_clip warns about every randomly initialised model; tiny models always are.
+    logging.getLogger("root").setLevel(logging.ERROR)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,272 @@
+"""Reward-model training as a Ray Train job (``rlhf train-reward``).
+
+The driver validates the config, starts (or joins) Ray, and runs a ``TorchTrainer`` whose
+workers each call :func:`train_func`: data parallel over DDP (or DeepSpeed ZeRO), gloo on CPU
+and NCCL on GPU. Rank 0 logs to MLflow and, at the end, registers the best model. Rerunning a
+job with the same name resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rlhf import tracking
+from rlhf.config import bind, flatten
+from rewards.registry import load_reward, save_reward
+from rewards.training import (
+    Objective,
+    RewardTrainConfig,
+    StepResult,
+    build_model,
+    make_dataset,
+    make_eval_loader,
+    make_optimizer,
+    run_training,
+    total_steps,
+)
+
+log = logging.getLogger(__name__)
+STATE_FILE = "train_state.json"
+OPTIM_FILE = "optim.pt"
+MODEL_DIR = "model"
+
+
+class _ObjectiveModule(nn.Module):
+    """Routes the loss through ``forward`` so DDP/DeepSpeed see every step."""
+
+    def __init__(self, objective: Objective):
+        super().__init__()
+        self.model = objective.model
+        self.objective = objective
+
+    def forward(self, batch):
+        return self.objective(batch)
+
+
+def storage_path(cfg: RewardTrainConfig) -> str:
+    return str(Path(cfg.checkpoint.storage_path or ".rlhf_runs/ray_train").resolve())
+
+
+def _progress_line(r: StepResult, total: int, t0: float, start: int) -> str:
+    done = r.step - start
+    rate = done / max(time.perf_counter() - t0, 1e-9)
+    eta = (total - r.step) / rate if rate > 0 else float("nan")
+    return (
+        f"step {r.step}/{total} loss {r.metrics['loss']:.4f} "
+        f"{r.metrics['triplets_per_s']:.1f} triplets/s eta {eta:.0f}s"
+    )
+
+
+def _save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, run_id, strategy, engine):
+    folder.mkdir(parents=True, exist_ok=True)
+    if strategy == "deepspeed":
+        # Every rank writes its own ZeRO partition; Ray merges the ranks' files.
+        engine.save_checkpoint(str(folder / "deepspeed"), tag="state")
+    if _rank() == 0:
+        save_reward(model, folder / MODEL_DIR)
+        if strategy != "deepspeed":
+            torch.save(
+                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                folder / OPTIM_FILE,
+            )
+        (folder / STATE_FILE).write_text(json.dumps({"step": step, "mlflow_run_id": run_id}))
+
+
+def _rank() -> int:
+    import ray.train
+
+    return ray.train.get_context().get_world_rank()
+
+
+def train_func(config: dict) -> None:
+    """One Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    logging.getLogger().setLevel(logging.WARNING)
+    cfg = bind(RewardTrainConfig, config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    model, teacher, ict_model = build_model(cfg)
+    objective = Objective(cfg, model, teacher, ict_model)
+    train_ds = make_dataset(cfg.data, "train")
+    eval_loader = make_eval_loader(make_dataset(cfg.data, "eval"), 64) if rank == 0 else None
+    total = total_steps(cfg, len(train_ds))
+
+    start, run_id = 0, None
+    ckpt = ray.train.get_checkpoint()
+    ckpt_dir = None
+    if ckpt is not None:
+        ckpt_dir = Path(ckpt.to_directory())
+        state = json.loads((ckpt_dir / STATE_FILE).read_text())
+        start, run_id = state["step"], state["mlflow_run_id"]
+        resumed = load_reward(ckpt_dir / MODEL_DIR)
+        model.load_state_dict(resumed.state_dict())
+
+    wrapped = _ObjectiveModule(objective)
+    optimizer, scheduler = make_optimizer(cfg.optim, model.parameters(), total)
+    engine = None
+    if cfg.scaling.strategy == "deepspeed":
+        import deepspeed
+
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=wrapped,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config={
+                "train_micro_batch_size_per_gpu": cfg.optim.batch_size,
+                "gradient_accumulation_steps": 1,
+                "gradient_clipping": cfg.optim.grad_clip,
+                "zero_optimization": {"stage": cfg.scaling.zero_stage},
+                "zero_allow_untested_optimizer": True,
+                "steps_per_print": 10**9,
+            },
+        )
+        if ckpt_dir is not None:
+            engine.load_checkpoint(str(ckpt_dir / "deepspeed"), tag="state")
+        forward, backward, step_fn = engine, engine.backward, engine.step
+    else:
+        if ckpt_dir is not None:
+            st = torch.load(ckpt_dir / OPTIM_FILE, map_location="cpu", weights_only=True)
+            optimizer.load_state_dict(st["optimizer"])
+            scheduler.load_state_dict(st["scheduler"])
+        ddp = ray.train.torch.prepare_model(wrapped) if world > 1 else wrapped
+        forward, backward, step_fn = ddp, None, None
+    objective_call = forward
+
+    mlflow = None
+    if rank == 0:
+        import mlflow
+
+        tracking.setup(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
+        if run_id is None:
+            run = mlflow.start_run(run_name=cfg.name)
+            mlflow.log_params({k: str(v)[:500] for k, v in flatten(asdict(cfg)).items()})
+        else:
+            run = mlflow.start_run(run_id=run_id)
+        run_id = run.info.run_id
+        already = set(tracking.logged_steps(run_id, "train/loss"))
+    t0 = time.perf_counter()
+    last_print = [0.0]
+
+    def on_step(r: StepResult, is_eval: bool) -> None:
+        if rank == 0:
+            if r.step not in already:
+                mlflow.log_metrics(
+                    {f"train/{k}" if "/" not in k else k: v for k, v in r.metrics.items()},
+                    step=r.step,
+                )
+            now = time.perf_counter()
+            if now - last_print[0] > 5 or is_eval or r.step == total:
+                last_print[0] = now
+                print(_progress_line(r, total, t0, start), flush=True)
+        # Every rank must report at the same steps (DeepSpeed saves are collective too).
+        if r.step % cfg.eval_every == 0 or r.step == total:
+            with tempfile.TemporaryDirectory() as d:
+                _save_checkpoint(
+                    Path(d), model, optimizer, scheduler, r.step, run_id, cfg.scaling.strategy, engine
+                )
+                metrics = {"step": r.step, "mean_acc": r.metrics.get("eval/mean", -1.0)}
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        if cfg_interrupt := config.get("interrupt_after"):
+            if r.step == cfg_interrupt:
+                raise RuntimeError(f"interrupted after step {r.step} (interrupt_after)")
+
+    run_training(
+        cfg,
+        model,
+        objective_call,
+        train_ds,
+        eval_loader,
+        rank=rank,
+        world=world,
+        backward=backward,
+        step_fn=step_fn,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        start_step=start,
+        on_step=on_step,
+    )
+    if rank == 0:
+        mlflow.end_run()
+
+
+def run_job(cfg: RewardTrainConfig, interrupt_after: int | None = None) -> dict:
+    """Run the job on the current Ray cluster (starting a local one if none), register the
+    best checkpoint's model in MLflow, and return a summary."""
+    import mlflow
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS"),
+            log_to_driver=True,
+            configure_logging=False,
+            runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": tracking.tracking_uri(cfg.mlflow.tracking_uri)}},
+        )
+    tracking.setup(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
+    sc = cfg.scaling
+    resources = {"CPU": sc.cpus_per_worker}
+    if sc.use_gpu:
+        resources["GPU"] = sc.gpus_per_worker or 1
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"cfg": asdict(cfg), "interrupt_after": interrupt_after},
+        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.name,
+            storage_path=storage_path(cfg),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.checkpoint.keep,
+                checkpoint_score_attribute="mean_acc",
+                checkpoint_score_order="max",
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=0),
+        ),
+    )
+    result = trainer.fit()
+    best = max(result.best_checkpoints, key=lambda cm: cm[1].get("mean_acc", -1))
+    best_ckpt, best_metrics = best
+    with best_ckpt.as_directory() as d:
+        state = json.loads((Path(d) / STATE_FILE).read_text())
+        run_id = state["mlflow_run_id"]
+        name = cfg.mlflow.register_as or cfg.kind
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copytree(Path(d) / MODEL_DIR, Path(tmp) / "reward")
+            version = tracking.register_folder(
+                Path(tmp) / "reward",
+                name,
+                run_id,
+                aliases=("latest",),
+                tags={"best_step": str(state["step"]), "kind": cfg.kind},
+            )
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metric("best/mean_acc", best_metrics.get("mean_acc", -1))
+    summary = {
+        "kind": cfg.kind,
+        "run_id": run_id,
+        "registered_model": name,
+        "version": version,
+        "model_uri": f"models:/{name}/{version}",
+        "best_step": state["step"],
+        "best_mean_acc": best_metrics.get("mean_acc"),
+        "steps": result.metrics.get("step"),
+    }
+    return summary
