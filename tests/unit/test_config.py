@@ -1,0 +1,82 @@
+from pathlib import Path
+
+import pytest
+
+from rewards.training import RewardTrainConfig
+from rlhf.cli import main
+from rlhf.config import ConfigError, flatten, load_config, parse_overrides
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize("name", ["reward_ict.yaml", "reward_hp.yaml"])
+def test_reward_configs_load_and_start_with_a_comment(name):
+    path = CONFIGS / name
+    assert path.read_text().startswith("#")
+    cfg = load_config(RewardTrainConfig, path)
+    assert cfg.kind in ("ict", "hp")
+
+
+def test_overrides_parse_yaml_values():
+    out = parse_overrides(["optim.lr=3e-4", "scaling.num_workers=4", "model={options: {backbone: tiny}}"])
+    assert out == {
+        "optim": {"lr": 3e-4},
+        "scaling": {"num_workers": 4},
+        "model": {"options": {"backbone": "tiny"}},
+    }
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["optim.lr"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.lrr=1", "optim.lrr"),
+        ("optim.lr=fast", "optim.lr"),
+        ("scaling.num_workers=0", "scaling.num_workers"),
+        ("kind=vae", "kind"),
+        ("data.train=/no/such.parquet", "data.train"),
+        ("model={name: x}", "model"),
+        ("scaling.use_gpu=maybe", "scaling.use_gpu"),
+        ("labels.source=teacher", "labels.teacher"),
+        ("loss.icthp_weight=1.0", "ict_model"),
+    ],
+)
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(RewardTrainConfig, CONFIGS / "reward_hp.yaml", [override])
+
+
+def test_unknown_reward_kind_in_model_spec():
+    with pytest.raises(ConfigError, match="kind"):
+        load_config(RewardTrainConfig, None, ["kind=pickscore"])
+
+
+def test_malformed_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: [ict\n")
+    with pytest.raises(ConfigError, match="malformed YAML"):
+        load_config(RewardTrainConfig, bad)
+
+
+def test_flatten():
+    assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": {}}) == {"a.b": 1, "a.c.d": 2, "e": {}}
+
+
+def test_cli_bad_config_exits_nonzero_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    rc = main(["train-reward", str(CONFIGS / "reward_ict.yaml"), "scaling.num_workers=0"])
+    assert rc == 2
+    assert "scaling.num_workers" in capsys.readouterr().err
+    rc = main(["train-reward", str(CONFIGS / "reward_ict.yaml"), "data.train=/missing.parquet"])
+    assert rc == 2
+    assert "data.train" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_cli_rewards_list(capsys):
+    assert main(["rewards", "list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("ict", "hp", "ict_hp", "pickscore", "hpsv2", "aesthetic"):
+        assert name in out
