@@ -18,7 +18,7 @@ def test_reward_configs_load_and_start_with_a_comment(name):
 
 
 def test_overrides_parse_yaml_values():
-    out = parse_overrides(["optim.lr=3e-4", "scaling.num_workers=4", "model={options: {backbone: tiny}}"])
+    out = parse_overrides(["optim.lr=3.0e-4", "scaling.num_workers=4", "model={options: {backbone: tiny}}"])
     assert out == {
         "optim": {"lr": 3e-4},
         "scaling": {"num_workers": 4},
@@ -57,6 +57,11 @@ def test_malformed_yaml(tmp_path):
     bad.write_text("kind: [ict\n")
     with pytest.raises(ConfigError, match="malformed YAML"):
         load_config(RewardTrainConfig, bad)
+
+
+def test_exponent_without_dot_is_a_float():
+    cfg = load_config(RewardTrainConfig, CONFIGS / "reward_ict.yaml", ["optim.lr=3e-4"])
+    assert cfg.optim.lr == 3e-4
 
 
 def test_flatten():
