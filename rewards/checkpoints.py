@@ -27,9 +27,10 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load
 
-            sd = load_file(str(path))
+            # Read, not mmap: a file replaced while mapped would crash the process (SIGBUS).
+            sd = load(path.read_bytes())
         else:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or truncated files surface here

@@ -1,14 +1,17 @@
 """Triplet datasets: our Parquet files and the public Pick-High layout.
 
-Columns (Pick-High names): ``easy_prompt``, ``refine_prompt``, ``easy_image_0`` (I1),
-``easy_image_1`` (I2), ``refine_image`` (I3), optional ``E1 E2 R1 R2``. Image columns hold
-encoded bytes or paths (relative to ``image_root``). Unreadable rows are skipped and counted.
+Columns (Pick-High names): ``easy_prompt``, ``refine_prompt``, ``easy_image_0`` (I1, the
+non-preferred image), ``easy_image_1`` (I2, preferred), ``refine_image`` (I3, from the
+refined prompt), optional ``E1 E2 R1 R2`` (precomputed ICT labels). Image columns hold encoded
+image bytes or paths (relative to ``image_root``, or absolute). Rows whose prompts or images
+cannot be read are skipped and counted, never fatal.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -28,48 +31,72 @@ LABEL_COLUMNS = ("E1", "E2", "R1", "R2")
 def _check_columns(frame: pd.DataFrame, where: str) -> None:
     missing = [c for c in PROMPT_COLUMNS + IMAGE_COLUMNS if c not in frame.columns]
     if missing:
-        raise ValueError(f"{where}: missing column(s) {missing}")
+        raise ValueError(f"{where}: missing required column(s) {', '.join(missing)}")
+
+
+def _bad_prompt(value) -> bool:
+    return not isinstance(value, str) or not value.strip()
 
 
 def _read_image_bytes(value, root: Path | None) -> bytes:
+    """The encoded image held in a cell: bytes, or the file at a path (relative to ``root``)."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     if isinstance(value, dict) and "bytes" in value:  # the HF datasets image struct
         return bytes(value["bytes"])
-    if isinstance(value, str) and value:
+    if isinstance(value, (str, os.PathLike)) and str(value):
         p = Path(value)
         if not p.is_absolute() and root is not None:
             p = root / p
         return p.read_bytes()
-    raise ValueError(f"not an image value: {type(value).__name__}")
+    raise ValueError(f"not an image (bytes or path): {type(value).__name__}")
 
 
 def decode_image(value, root: Path | None, size: int) -> torch.Tensor:
-    """Bytes or path -> ``(3, size, size)`` float in [0, 1] (bicubic resize)."""
+    """Bytes or path -> RGB ``(3, size, size)`` float32 in [0, 1] (bicubic resize)."""
     with Image.open(io.BytesIO(_read_image_bytes(value, root))) as im:
         im = im.convert("RGB").resize((size, size), Image.BICUBIC)
         arr = np.asarray(im, dtype=np.float32) / 255.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-class TripletDataset(Dataset):
-    """``dataset[i]`` -> ``{easy_prompt, refine_prompt, images (3, 3, S, S) in [0, 1],
-    labels (4,) [E1, E2, R1, R2] or NaN}``, or ``None`` for an unreadable row (see
-    :func:`collate_triplets`)."""
+def _label(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):  # None or a non-number: same as absent
+        return math.nan
 
-    def __init__(self, source, image_root: str | os.PathLike | None = None, image_size: int = 64):
-        if isinstance(source, pd.DataFrame):
-            frame, where = source, "frame"
+
+class TripletDataset(Dataset):
+    """Triplets from a Parquet file or a pandas DataFrame.
+
+    ``dataset[i]`` is a dict: ``easy_prompt`` and ``refine_prompt`` (str), ``images``
+    float32 ``(3, 3, S, S)`` in [0, 1] in the order I1, I2, I3, and ``labels`` float32 ``(4,)``
+    ``[E1, E2, R1, R2]`` (NaN where a column is absent or empty); or ``None`` when the row's
+    prompts or images cannot be read (logged once per row and counted in ``num_skipped``;
+    :func:`collate_triplets` drops it). Counts are per process: with DataLoader workers, each
+    worker counts the rows it saw.
+    """
+
+    def __init__(
+        self,
+        path_or_frame: str | os.PathLike | pd.DataFrame,
+        image_root: str | os.PathLike | None = None,
+        image_size: int = 64,
+    ):
+        if isinstance(path_or_frame, pd.DataFrame):
+            frame, where = path_or_frame, "DataFrame"
         else:
-            path = Path(source)
+            path = Path(path_or_frame)
             if not path.is_file():
                 raise FileNotFoundError(f"triplet file not found: {path}")
             frame, where = pd.read_parquet(path), str(path)
         _check_columns(frame, where)
         self.frame = frame.reset_index(drop=True)
-        self.root = Path(image_root) if image_root else None
+        self.root = Path(image_root) if image_root is not None else None
         self.image_size = image_size
-        self.has_labels = all(c in frame.columns for c in LABEL_COLUMNS)
+        # Each label from its own column: the reference code filled E2 from R1.
+        self._label_cols = [c if c in frame.columns else None for c in LABEL_COLUMNS]
         self._bad: set[int] = set()
 
     def __len__(self) -> int:
@@ -77,6 +104,7 @@ class TripletDataset(Dataset):
 
     @property
     def num_skipped(self) -> int:
+        """Distinct unreadable rows seen so far in this process."""
         return len(self._bad)
 
     def _mark_bad(self, i: int, why: str) -> None:
@@ -84,23 +112,23 @@ class TripletDataset(Dataset):
             self._bad.add(i)
             log.warning("skipping triplet %d: %s", i, why)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> dict | None:
         row = self.frame.iloc[i]
         prompts = [row[c] for c in PROMPT_COLUMNS]
-        if any(not isinstance(p, str) or not p.strip() for p in prompts):
-            self._mark_bad(i, "empty prompt")
+        if any(_bad_prompt(p) for p in prompts):
+            self._mark_bad(i, "missing or empty prompt")
             return None
         try:
             images = torch.stack(
                 [decode_image(row[c], self.root, self.image_size) for c in IMAGE_COLUMNS]
             )
-        except Exception as e:  # corrupt bytes, missing file, unsupported format
+        except Exception as e:  # PIL raises many types for bad data; a bad row must not kill a run
             self._mark_bad(i, f"{type(e).__name__}: {e}")
             return None
-        if self.has_labels:
-            labels = torch.tensor([float(row[c]) for c in LABEL_COLUMNS], dtype=torch.float32)
-        else:
-            labels = torch.full((4,), float("nan"))
+        labels = torch.tensor(
+            [math.nan if c is None else _label(row[c]) for c in self._label_cols],
+            dtype=torch.float32,
+        )
         return {
             "easy_prompt": prompts[0],
             "refine_prompt": prompts[1],
@@ -109,20 +137,22 @@ class TripletDataset(Dataset):
         }
 
     def scan(self) -> int:
-        """Decode every row once; returns the number of unreadable rows."""
+        """Decode every row once; returns (and records) the number of unreadable rows."""
         for i in range(len(self)):
             self[i]
         return self.num_skipped
 
 
 def collate_triplets(batch: list) -> dict:
-    """Drop ``None`` rows, stack the rest: images ``(B, 3, 3, S, S)``, labels ``(B, 4)``."""
+    """DataLoader ``collate_fn``: drop ``None`` rows and stack the rest into ``easy_prompt``
+    and ``refine_prompt`` (lists of B str), ``images`` ``(B, 3, 3, S, S)`` and ``labels``
+    ``(B, 4)``. A batch of only bad rows gives B = 0 (images ``(0, 3, 3, 0, 0)``)."""
     rows = [b for b in batch if b is not None]
     if not rows:
         return {
             "easy_prompt": [],
             "refine_prompt": [],
-            "images": torch.empty(0, 3, 3, 1, 1),
+            "images": torch.empty(0, 3, 3, 0, 0),
             "labels": torch.empty(0, 4),
         }
     return {
@@ -134,11 +164,12 @@ def collate_triplets(batch: list) -> dict:
 
 
 def read_pickhigh(pickle_path, root, split: str, allow_pickle: bool = False) -> pd.DataFrame:
-    """Read a Pick-High split (a pickled pandas frame) with image paths resolved.
+    """Read a Pick-High split (a pickled pandas frame) with its image columns resolved to
+    absolute paths: easy images under ``<root>/pick_easy_img/<split>/``, refined ones under
+    ``<root>/pick_refine_img/<split>/``.
 
-    Easy images live under ``<root>/pick_easy_img/<split>/``, refined ones under
-    ``<root>/pick_refine_img/<split>/``. Unpickling runs code from the file, so this refuses
-    unless ``allow_pickle`` (CLI: ``--allow-pickle``).
+    Unpickling runs code from the file, so this refuses unless ``allow_pickle=True`` (CLI:
+    ``--allow-pickle``).
     """
     if not allow_pickle:
         raise ValueError(
@@ -146,51 +177,92 @@ def read_pickhigh(pickle_path, root, split: str, allow_pickle: bool = False) -> 
             "allow_pickle=True (CLI: --allow-pickle) only for a file you trust"
         )
     frame = pd.read_pickle(pickle_path)
+    if not isinstance(frame, pd.DataFrame):
+        raise ValueError(f"{pickle_path}: expected a pandas DataFrame, got {type(frame).__name__}")
     _check_columns(frame, str(pickle_path))
-    root = Path(root)
+    root = Path(root).resolve()
     easy_dir, ref_dir = root / "pick_easy_img" / split, root / "pick_refine_img" / split
     frame = frame.copy()
-    for c in ("easy_image_0", "easy_image_1"):
-        frame[c] = [str(easy_dir / str(v)) for v in frame[c]]
-    frame["refine_image"] = [str(ref_dir / str(v)) for v in frame["refine_image"]]
+    for col, folder in (
+        ("easy_image_0", easy_dir),
+        ("easy_image_1", easy_dir),
+        ("refine_image", ref_dir),
+    ):
+        frame[col] = [
+            str(folder / str(v)) if isinstance(v, str) and v else None for v in frame[col]
+        ]
     return frame
 
 
+def _check_image(data: bytes) -> None:
+    """Raise if ``data`` does not decode as an image."""
+    with Image.open(io.BytesIO(data)) as im:
+        # Decoding at reduced scale (JPEG) still reads the whole stream, so truncation shows.
+        im.draft("RGB", (64, 64))
+        im.load()
+
+
 def convert_to_parquet(frame: pd.DataFrame, out_path, embed_images: bool = True) -> dict:
-    """Write triplets to Parquet (image bytes embedded, or paths kept), skipping rows whose
-    images cannot be read; atomic. Returns ``{"written": n, "skipped": m}``."""
+    """Write triplets to a Parquet file, atomically.
+
+    Image cells of ``frame`` hold bytes or paths; with ``embed_images`` the Parquet holds the
+    encoded bytes, else the paths as given. Rows with a missing prompt or a missing or
+    undecodable image are skipped. Label columns ``E1 E2 R1 R2`` are kept where present.
+    Returns ``{"written": n, "skipped": m}``.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    _check_columns(frame, "frame")
-    keep_cols = [c for c in PROMPT_COLUMNS + IMAGE_COLUMNS + LABEL_COLUMNS if c in frame.columns]
-    out_rows, skipped = [], 0
-    for i, row in frame.reset_index(drop=True).iterrows():
-        rec = {c: row[c] for c in keep_cols}
+    _check_columns(frame, "DataFrame")
+    labels = [c for c in LABEL_COLUMNS if c in frame.columns]
+    image_type = pa.binary() if embed_images else pa.string()
+    schema = pa.schema(
+        [(c, pa.string()) for c in PROMPT_COLUMNS]
+        + [(c, image_type) for c in IMAGE_COLUMNS]
+        + [(c, pa.float64()) for c in labels]
+    )
+    cols: dict[str, list] = {c: [] for c in schema.names}
+    skipped = 0
+    for i, row in enumerate(
+        frame[list(PROMPT_COLUMNS + IMAGE_COLUMNS) + labels].to_dict("records")
+    ):
         try:
-            for c in IMAGE_COLUMNS:
-                data = _read_image_bytes(row[c], None)
-                with Image.open(io.BytesIO(data)) as im:
-                    im.verify()
-                if embed_images:
-                    rec[c] = data
-        except Exception as e:
+            if any(_bad_prompt(row[c]) for c in PROMPT_COLUMNS):
+                raise ValueError("missing or empty prompt")
+            images = {c: _read_image_bytes(row[c], None) for c in IMAGE_COLUMNS}
+            for data in images.values():
+                _check_image(data)
+        except Exception as e:  # as in TripletDataset: one bad row must not stop a conversion
             skipped += 1
-            log.warning("convert: skipping row %d: %s", i, e)
+            log.warning("convert: skipping row %d: %s: %s", i, type(e).__name__, e)
             continue
-        out_rows.append(rec)
+        for c in PROMPT_COLUMNS:
+            cols[c].append(row[c])
+        for c in IMAGE_COLUMNS:
+            cols[c].append(images[c] if embed_images else str(row[c]))
+        for c in labels:
+            cols[c].append(_label(row[c]))
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.table({c: [r[c] for r in out_rows] for c in keep_cols})
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, out_path)
-    return {"written": len(out_rows), "skipped": skipped}
+    try:
+        pq.write_table(pa.table(cols, schema=schema), tmp)
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    written = len(cols[PROMPT_COLUMNS[0]])
+    log.info("wrote %d triplets to %s (%d skipped)", written, out_path, skipped)
+    return {"written": written, "skipped": skipped}
 
 
 def convert_pickhigh(
-    pickle_path, root, split, out_path, allow_pickle=False, embed_images=True
+    pickle_path,
+    root,
+    split: str,
+    out_path,
+    allow_pickle: bool = False,
+    embed_images: bool = True,
 ) -> dict:
-    """:func:`read_pickhigh` then :func:`convert_to_parquet`."""
+    """:func:`read_pickhigh` then :func:`convert_to_parquet`; returns its counts."""
     frame = read_pickhigh(pickle_path, root, split, allow_pickle=allow_pickle)
     return convert_to_parquet(frame, out_path, embed_images=embed_images)

@@ -312,6 +312,18 @@ def build_model(cfg: RewardTrainConfig):
     if cfg.kind == "hp":
         # HP never uses the text tower; keep it out of the optimizer and of DDP's bookkeeping.
         model.backbone.freeze(text_fraction=1.0)
+    for name, p in model.named_parameters():
+        # Cosine rewards do not use CLIP's contrastive temperature: a parameter without a
+        # gradient would stall DDP.
+        if name.endswith(("logit_scale", "logit_bias")):
+            p.requires_grad_(False)
+    for mod in model.modules():
+        for name, p in list(mod._parameters.items()):
+            # DeepSpeed cannot broadcast 0-dim parameters; frozen ones work as buffers
+            # (same state-dict key, so checkpoints are unchanged).
+            if p is not None and p.dim() == 0 and not p.requires_grad:
+                del mod._parameters[name]
+                mod.register_buffer(name, p.detach())
     teacher = ict_model = None
     if cfg.labels.source == "teacher":
         teacher = build_reward(RewardSpec.from_dict(cfg.labels.teacher, "labels.teacher"))

@@ -80,7 +80,9 @@ def cmd_eval_reward(args) -> int:
     if ds.num_skipped:
         print(f"({ds.num_skipped} corrupt or missing triplets skipped)")
     if args.json:
-        write_json({"data": str(args.data), "skipped": ds.num_skipped, "results": results}, args.json)
+        write_json(
+            {"data": str(args.data), "skipped": ds.num_skipped, "results": results}, args.json
+        )
         print(f"wrote {args.json}")
     return 0
 
@@ -130,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_data_synth)
     c = ds.add_parser("convert", help="convert the public Pick-High release to Parquet")
     c.add_argument("--pickle", required=True, help="the split's pickled pandas frame")
-    c.add_argument("--root", required=True, help="folder holding pick_easy_img/ and pick_refine_img/")
+    c.add_argument(
+        "--root", required=True, help="folder holding pick_easy_img/ and pick_refine_img/"
+    )
     c.add_argument("--split", required=True)
     c.add_argument("--out", required=True)
     c.add_argument(
@@ -184,4 +188,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -82,6 +82,11 @@ def register_folder(
     return int(mv.version)
 
 
+def metric_key(name: str) -> str:
+    """MLflow-safe metric name: ``eval/I2>I1`` -> ``eval/I2_gt_I1``."""
+    return name.replace(">", "_gt_")
+
+
 def logged_steps(run_id: str, key: str) -> list[int]:
     """Steps already logged for metric ``key`` (to continue a run without duplicates)."""
     from mlflow import MlflowClient

@@ -20,8 +20,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlhf import tracking
-from rlhf.config import bind, flatten
 from rewards.registry import load_reward, save_reward
 from rewards.training import (
     Objective,
@@ -34,6 +32,8 @@ from rewards.training import (
     run_training,
     total_steps,
 )
+from rlhf import tracking
+from rlhf.config import bind, flatten
 
 log = logging.getLogger(__name__)
 STATE_FILE = "train_state.json"
@@ -67,7 +67,9 @@ def _progress_line(r: StepResult, total: int, t0: float, start: int) -> str:
     )
 
 
-def _save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, run_id, strategy, engine):
+def _save_checkpoint(
+    folder: Path, model, optimizer, scheduler, step: int, run_id, strategy, engine
+):
     folder.mkdir(parents=True, exist_ok=True)
     if strategy == "deepspeed":
         # Every rank writes its own ZeRO partition; Ray merges the ranks' files.
@@ -109,7 +111,8 @@ def train_func(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     ckpt_dir = None
     if ckpt is not None:
-        ckpt_dir = Path(ckpt.to_directory())
+        # A private copy per rank: ranks sharing one copy raced on its files.
+        ckpt_dir = Path(ckpt.to_directory(tempfile.mkdtemp(prefix=f"resume_r{rank}_")))
         state = json.loads((ckpt_dir / STATE_FILE).read_text())
         start, run_id = state["step"], state["mlflow_run_id"]
         resumed = load_reward(ckpt_dir / MODEL_DIR)
@@ -150,7 +153,8 @@ def train_func(config: dict) -> None:
     if rank == 0:
         import mlflow
 
-        tracking.setup(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
+        # The driver resolved the store; workers may run with another environment or cwd.
+        tracking.setup(config["tracking_uri"], cfg.mlflow.experiment)
         if run_id is None:
             run = mlflow.start_run(run_name=cfg.name)
             mlflow.log_params({k: str(v)[:500] for k, v in flatten(asdict(cfg)).items()})
@@ -165,7 +169,10 @@ def train_func(config: dict) -> None:
         if rank == 0:
             if r.step not in already:
                 mlflow.log_metrics(
-                    {f"train/{k}" if "/" not in k else k: v for k, v in r.metrics.items()},
+                    {
+                        tracking.metric_key(k if "/" in k else f"train/{k}"): v
+                        for k, v in r.metrics.items()
+                    },
                     step=r.step,
                 )
             now = time.perf_counter()
@@ -176,7 +183,14 @@ def train_func(config: dict) -> None:
         if r.step % cfg.eval_every == 0 or r.step == total:
             with tempfile.TemporaryDirectory() as d:
                 _save_checkpoint(
-                    Path(d), model, optimizer, scheduler, r.step, run_id, cfg.scaling.strategy, engine
+                    Path(d),
+                    model,
+                    optimizer,
+                    scheduler,
+                    r.step,
+                    run_id,
+                    cfg.scaling.strategy,
+                    engine,
                 )
                 metrics = {"step": r.step, "mean_acc": r.metrics.get("eval/mean", -1.0)}
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
@@ -212,20 +226,20 @@ def run_job(cfg: RewardTrainConfig, interrupt_after: int | None = None) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
-        ray.init(
-            address=os.environ.get("RAY_ADDRESS"),
-            log_to_driver=True,
-            configure_logging=False,
-            runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": tracking.tracking_uri(cfg.mlflow.tracking_uri)}},
-        )
+        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
     tracking.setup(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
+    uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker or 1
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"cfg": asdict(cfg), "interrupt_after": interrupt_after},
+        train_loop_config={
+            "cfg": asdict(cfg),
+            "interrupt_after": interrupt_after,
+            "tracking_uri": uri,
+        },
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources
@@ -254,7 +268,6 @@ def run_job(cfg: RewardTrainConfig, interrupt_after: int | None = None) -> dict:
                 Path(tmp) / "reward",
                 name,
                 run_id,
-                aliases=("latest",),
                 tags={"best_step": str(state["step"]), "kind": cfg.kind},
             )
     with mlflow.start_run(run_id=run_id):

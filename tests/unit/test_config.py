@@ -18,7 +18,9 @@ def test_reward_configs_load_and_start_with_a_comment(name):
 
 
 def test_overrides_parse_yaml_values():
-    out = parse_overrides(["optim.lr=3.0e-4", "scaling.num_workers=4", "model={options: {backbone: tiny}}"])
+    out = parse_overrides(
+        ["optim.lr=3.0e-4", "scaling.num_workers=4", "model={options: {backbone: tiny}}"]
+    )
     assert out == {
         "optim": {"lr": 3e-4},
         "scaling": {"num_workers": 4},

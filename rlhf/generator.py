@@ -1,0 +1,415 @@
+"""The SD3/SD3.5 generator: loading, the tiny variant, attention backend, LoRA, checkpointing.
+
+The policy is a diffusers ``StableDiffusion3Pipeline``: the transformer is trained (LoRA via
+peft, or every weight), the VAE and text encoders stay frozen. ``model`` is a hub id
+(``stabilityai/stable-diffusion-3.5-large-turbo``), a local diffusers folder, or ``tiny``: a
+tiny SD3 built from the JSON configs in ``rlhf/model_configs/tiny_sd3`` with random weights
+(seeded), two CLIP text encoders and locally built CLIP tokenizers, no T5. Nothing is
+downloaded for ``tiny`` or a local folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+TINY = "tiny"
+TINY_SD3_DIR = Path(__file__).parent / "model_configs" / "tiny_sd3"
+DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-large-turbo"
+ATTENTION_BACKENDS = ("auto", "xformers", "sdpa")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+FINETUNE_MODES = ("lora", "full")
+# The joint-attention projections of every SD3 block: image stream and context stream.
+LORA_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+)
+
+
+@dataclass
+class GeneratorConfig:
+    """Which SD3 to load and how to run it. Defaults: the paper's GPU setting.
+
+    ``dtype``: ``auto`` is bf16 on CUDA and fp32 on CPU. ``attention``: ``auto`` uses xformers
+    on CUDA when it is installed, else PyTorch SDPA. ``load_t5``: SD3's third text encoder
+    (T5-XXL, ~4.7B parameters); without it the T5 tokens are zeros, as diffusers does.
+    ``seed`` seeds the random weights of ``tiny``.
+    """
+
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    variant: str | None = None
+    load_t5: bool = True
+    dtype: str = "auto"
+    attention: str = "auto"
+    gradient_checkpointing: bool = True
+    seed: int = 0
+
+    def validate(self, path: str = "generator") -> None:
+        if not self.model:
+            raise ValueError(f"{path}.model must be 'tiny', a hub id or a local folder")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"{path}.dtype={self.dtype!r} must be one of {('auto', *DTYPES)}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"{path}.attention={self.attention!r} must be one of {ATTENTION_BACKENDS}"
+            )
+
+
+@dataclass
+class FinetuneConfig:
+    """What of the transformer is trained: LoRA adapters (default) or every weight.
+
+    LoRA goes on ``target_modules`` (module-name suffixes) with rank ``rank`` and
+    ``alpha`` (scale ``alpha / rank``); the adapter weights are kept in fp32.
+    """
+
+    mode: str = "lora"
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+    def validate(self, path: str = "finetune") -> None:
+        if self.mode not in FINETUNE_MODES:
+            raise ValueError(f"{path}.mode={self.mode!r} must be one of {FINETUNE_MODES}")
+        if self.mode == "lora":
+            if self.rank < 1:
+                raise ValueError(f"{path}.rank={self.rank} must be >= 1")
+            if self.alpha <= 0:
+                raise ValueError(f"{path}.alpha={self.alpha} must be > 0")
+            if not 0 <= self.dropout < 1:
+                raise ValueError(f"{path}.dropout={self.dropout} must be in [0, 1)")
+            if not self.target_modules:
+                raise ValueError(f"{path}.target_modules must not be empty")
+
+
+@dataclass
+class PromptEmbeds:
+    """Text conditioning for a batch: ``embeds (B, L, D)``, ``pooled (B, P)``; the negative
+    pair is set only when classifier-free guidance is on."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor
+    neg_embeds: torch.Tensor | None = None
+    neg_pooled: torch.Tensor | None = None
+
+    def repeat(self, n: int) -> PromptEmbeds:
+        """Each row repeated ``n`` times in place (row b -> rows b*n .. b*n+n-1)."""
+
+        def rep(t):
+            return None if t is None else t.repeat_interleave(n, dim=0)
+
+        return PromptEmbeds(
+            rep(self.embeds), rep(self.pooled), rep(self.neg_embeds), rep(self.neg_pooled)
+        )
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
+    return torch.device(device)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on CUDA, fp32 elsewhere (CPU bf16 matmuls are slow and imprecise)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+# --------------------------------------------------------------------------- building
+
+
+def build_tiny_pipeline(seed: int = 0, config_dir: str | os.PathLike = TINY_SD3_DIR):
+    """A tiny ``StableDiffusion3Pipeline`` with random weights (seeded) from shipped configs.
+
+    Same seed, same weights, in any process: tests and Ray workers rely on it.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from rlhf.tokenizers import build_clip_tokenizer
+
+    d = Path(config_dir)
+
+    def cfg(sub: str, name: str = "config.json") -> dict:
+        return json.loads((d / sub / name).read_text())
+
+    def no_meta(c: dict) -> dict:
+        return {k: v for k, v in c.items() if not k.startswith("_")}
+
+    # Seeded per component, so changing one config leaves the others' weights unchanged.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(**no_meta(cfg("transformer")))
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**no_meta(cfg("vae")))
+        encoders = []
+        for i, sub in enumerate(("text_encoder", "text_encoder_2")):
+            torch.manual_seed(seed + 2 + i)
+            c = {k: v for k, v in cfg(sub).items() if k not in ("architectures", "model_type")}
+            encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**c)))
+    tokenizer = build_clip_tokenizer(d / "tokenizer" / "config.json")
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        **no_meta(cfg("scheduler", "scheduler_config.json"))
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=encoders[0].eval(),
+        tokenizer=tokenizer,
+        text_encoder_2=encoders[1].eval(),
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+def load_pipeline(cfg: GeneratorConfig, device: str | torch.device | None = None):
+    """The pipeline of ``cfg.model`` on ``device`` in the configured dtype, frozen, eval mode."""
+    from diffusers import StableDiffusion3Pipeline
+
+    device = resolve_device(device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.model == TINY:
+        pipe = build_tiny_pipeline(cfg.seed)
+    else:
+        kwargs = {"torch_dtype": dtype, "revision": cfg.revision, "variant": cfg.variant}
+        if not cfg.load_t5:
+            kwargs.update(text_encoder_3=None, tokenizer_3=None)
+        local = os.path.isdir(cfg.model)
+        if not local and not _looks_like_hub_id(cfg.model):
+            raise FileNotFoundError(
+                f"generator.model={cfg.model!r} is not 'tiny', a local folder or a hub id"
+            )
+        try:
+            pipe = StableDiffusion3Pipeline.from_pretrained(cfg.model, **kwargs)
+        except OSError as e:
+            raise FileNotFoundError(f"generator.model={cfg.model!r}: cannot load: {e}") from e
+    pipe.to(device=device, dtype=dtype)
+    for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer"):
+        m = getattr(pipe, name, None)
+        if m is not None:
+            m.requires_grad_(False).eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    parts = s.split("/")
+    return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~"))
+
+
+def set_attention_backend(transformer, backend: str) -> str:
+    """Set the attention of every joint-attention block; returns the backend in use.
+
+    ``auto``: xformers when installed and the transformer is on CUDA, else SDPA.
+    ``xformers`` where it cannot run (not installed, or not on CUDA) raises ``ValueError``.
+    """
+    from diffusers.models.attention_processor import (
+        JointAttnProcessor2_0,
+        XFormersJointAttnProcessor,
+    )
+
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"generator.attention={backend!r} must be one of {ATTENTION_BACKENDS}")
+    on_cuda = next(transformer.parameters()).device.type == "cuda"
+    has_xformers = _xformers_installed()
+    if backend == "auto":
+        backend = "xformers" if on_cuda and has_xformers else "sdpa"
+    if backend == "xformers":
+        if not has_xformers:
+            raise ValueError(
+                "generator.attention=xformers but xformers is not installed "
+                "(pip install 'rlhf-diffusion[gpu]'), or set generator.attention=sdpa"
+            )
+        if not on_cuda:
+            raise ValueError(
+                "generator.attention=xformers needs a CUDA device (xformers has no CPU "
+                "kernels); set generator.attention=sdpa"
+            )
+        processor = XFormersJointAttnProcessor()
+    else:
+        processor = JointAttnProcessor2_0()
+    transformer.set_attn_processor(processor)
+    return backend
+
+
+def _xformers_installed() -> bool:
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def apply_finetune(transformer, cfg: FinetuneConfig) -> list[torch.nn.Parameter]:
+    """Make the transformer trainable as configured; returns the trainable parameters.
+
+    LoRA: peft adapters named ``default`` on ``cfg.target_modules``, gaussian init for A and
+    zeros for B (so the adapted model starts equal to the base), cast to fp32.
+    """
+    if cfg.mode == "full":
+        transformer.requires_grad_(True)
+        return list(transformer.parameters())
+    from peft import LoraConfig
+
+    transformer.requires_grad_(False)
+    transformer.add_adapter(
+        LoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            init_lora_weights="gaussian",
+            target_modules=list(cfg.target_modules),
+        )
+    )
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"finetune.target_modules={cfg.target_modules} matched no module")
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+class Generator:
+    """An SD3 pipeline split into the trainable transformer and its frozen helpers.
+
+    ``transformer`` is what a DeepSpeed engine wraps; the VAE, text encoders, tokenizers and
+    scheduler config stay here. ``attention`` is the resolved backend.
+    """
+
+    def __init__(self, pipe, attention: str, finetune: FinetuneConfig | None):
+        self.pipe = pipe
+        self.attention = attention
+        self.finetune = finetune
+
+    @property
+    def transformer(self):
+        return self.pipe.transformer
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.vae.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.vae.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.pipe.vae_scale_factor
+
+    @torch.no_grad()
+    def encode_prompts(
+        self,
+        prompts: Sequence[str],
+        guidance_scale: float = 0.0,
+        negative_prompt: str = "",
+        max_sequence_length: int = 256,
+    ) -> PromptEmbeds:
+        """The pipeline's own ``encode_prompt``; negatives only when ``guidance_scale > 1``."""
+        if isinstance(prompts, str):
+            raise ValueError("prompts must be a sequence of strings, not a single string")
+        cfg = guidance_scale > 1
+        pe, npe, pooled, npooled = self.pipe.encode_prompt(
+            prompt=list(prompts),
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            do_classifier_free_guidance=cfg,
+            negative_prompt=negative_prompt if cfg else None,
+            max_sequence_length=max_sequence_length,
+        )
+        return PromptEmbeds(pe, pooled, npe if cfg else None, npooled if cfg else None)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """``(C, h, w)`` of the latents for ``height x width`` pixel images."""
+        f = self.vae_scale_factor
+        if height % (f * self.transformer.config.patch_size) or width % (
+            f * self.transformer.config.patch_size
+        ):
+            raise ValueError(
+                f"sampler.height={height} and width={width} must be multiples of "
+                f"{f * self.transformer.config.patch_size} for this model"
+            )
+        return (self.transformer.config.in_channels, height // f, width // f)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents ``(B, C, h, w)`` -> images ``(B, 3, H, W)`` in [0, 1], differentiable.
+
+        ``latents / scaling_factor + shift_factor``, VAE decode, then ``x / 2 + 0.5`` clamped,
+        as ``StableDiffusion3Pipeline`` and its image processor do.
+        """
+        c = self.vae.config
+        z = latents / c.scaling_factor + c.shift_factor
+        x = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+        return (x.float() / 2 + 0.5).clamp(0, 1)
+
+
+def load_generator(
+    cfg: GeneratorConfig,
+    finetune: FinetuneConfig | None = None,
+    device: str | torch.device | None = None,
+) -> Generator:
+    """Load (or build) the pipeline, set attention, make the transformer trainable, and turn
+    on gradient checkpointing (transformer blocks and VAE decoder) if configured.
+
+    ``finetune=None`` gives a frozen generator (evaluation, references).
+    """
+    cfg.validate()
+    if finetune is not None:
+        finetune.validate()
+    pipe = load_pipeline(cfg, device)
+    attention = set_attention_backend(pipe.transformer, cfg.attention)
+    if finetune is not None:
+        apply_finetune(pipe.transformer, finetune)
+        pipe.transformer.train()
+    set_gradient_checkpointing(pipe, cfg.gradient_checkpointing)
+    log.info(
+        "generator %s on %s (%s), attention=%s, finetune=%s",
+        cfg.model,
+        pipe.vae.device,
+        pipe.vae.dtype,
+        attention,
+        finetune.mode if finetune else "frozen",
+    )
+    return Generator(pipe, attention, finetune)
+
+
+def set_gradient_checkpointing(pipe, enabled: bool) -> None:
+    """Checkpoint the transformer blocks and the VAE decoder (recomputed in backward)."""
+    for m in (pipe.transformer, pipe.vae):
+        if enabled:
+            m.enable_gradient_checkpointing()
+        else:
+            m.disable_gradient_checkpointing()
