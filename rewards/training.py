@@ -361,13 +361,22 @@ def total_steps(cfg: RewardTrainConfig, n_train: int) -> int:
     return min(steps, cfg.optim.max_steps) if cfg.optim.max_steps else steps
 
 
-def evaluate_model(model, loader, device="cpu") -> dict[str, float]:
+def evaluate_model(model, loader) -> dict[str, float]:
+    device = next(model.parameters()).device
     was = model.training
     model.eval()
     try:
         return preference_accuracy(score_triplets(model, loader, device, progress=False))
     finally:
         model.train(was)
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 @dataclass
@@ -416,6 +425,7 @@ def run_training(
         optimizer.zero_grad(set_to_none=True)
 
     step_fn = step_fn or default_step
+    device = next(model.parameters()).device
     step = start_step
     t_last, n_since = time.perf_counter(), 0
     while step < total:
@@ -423,20 +433,23 @@ def run_training(
         loader.sampler.set_epoch(epoch)
         loader.sampler.skip = offset * cfg.optim.batch_size
         for batch in loader:
-            out = objective(batch)
-            loss = out["loss"]
-            skipped = not bool(torch.isfinite(loss.detach()))
-            if dist.is_available() and dist.is_initialized():
-                # All ranks skip together, or the gradient all-reduce would hang.
-                flag = torch.tensor([float(skipped)], device=loss.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                skipped = bool(flag.item())
-            if skipped:
-                log.warning("step %d: non-finite loss %s, update skipped", step, loss.item())
-                optimizer.zero_grad(set_to_none=True)
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            # A batch whose rows were all unreadable: every rank skips the step together.
+            if _any_rank(batch["images"].shape[0] == 0, device):
+                log.warning("step %d: empty batch (unreadable rows), skipped", step)
+                out = {"loss": torch.tensor(float("nan"))}
+                skipped = True
             else:
-                backward(loss)
-                step_fn()
+                out = objective(batch)
+                loss = out["loss"]
+                # All ranks skip together, or the gradient all-reduce would hang.
+                skipped = _any_rank(not bool(torch.isfinite(loss.detach())), device)
+                if skipped:
+                    log.warning("step %d: non-finite loss %s, update skipped", step, loss.item())
+                    optimizer.zero_grad(set_to_none=True)
+                else:
+                    backward(loss)
+                    step_fn()
             step += 1
             n_since += batch["images"].shape[0] * world
             metrics = {k: float(v.detach()) for k, v in out.items()}

@@ -95,7 +95,8 @@ def train_func(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    logging.getLogger().setLevel(logging.WARNING)
+    # open_clip warns (root logger) for every randomly initialised tiny model.
+    logging.getLogger().setLevel(logging.ERROR)
     cfg = bind(RewardTrainConfig, config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
