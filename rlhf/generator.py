@@ -211,7 +211,9 @@ def load_pipeline(cfg: GeneratorConfig, device: str | torch.device | None = None
             pipe = StableDiffusion3Pipeline.from_pretrained(cfg.model, **kwargs)
         except OSError as e:
             raise FileNotFoundError(f"generator.model={cfg.model!r}: cannot load: {e}") from e
-    pipe.to(device=device, dtype=dtype)
+    if cfg.model == TINY and dtype != torch.float32:
+        pipe.to(dtype=dtype)
+    pipe.to(device)
     for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer"):
         m = getattr(pipe, name, None)
         if m is not None:

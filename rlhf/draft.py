@@ -1,0 +1,324 @@
+"""DRaFT-K: reward fine-tuning by backpropagating through the last K sampling steps.
+
+One step: sample with the flow-matching Euler sampler (steps ``0 .. N-K-1`` without
+gradient, the last ``K`` with), decode to images in [0, 1], score them with the weighted
+reward, and descend on ``-mean(sum_j w_j r_j) + anchor_weight * anchor``.
+
+The reward is applied through its image gradient: :func:`score_and_grad` returns the scores
+and ``g = d(sum_b sum_j w_j r_j)/d images``, and the generator backpropagates the surrogate
+``-(images * g).sum() / B``, whose parameter gradient is that of ``-mean(weighted reward)``.
+The same path serves a reward in this process and a reward server in another (which returns
+``g``), and the reward's activations are freed before the generator's backward.
+
+Rewards are ``{name: (weight, callable)}``; a callable maps ``images (B, 3, H, W)`` in [0, 1]
+and ``B`` prompts to ``scores (B,)``, differentiable w.r.t. ``images``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from rlhf.generator import FinetuneConfig, Generator, PromptEmbeds
+from rlhf.sampler import (
+    SamplerConfig,
+    initial_latents,
+    rollout,
+    sample,
+    schedule,
+    seeded_generators,
+)
+
+log = logging.getLogger(__name__)
+
+RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
+Components = dict[str, tuple[float, RewardFn]]
+K_MODES = ("fixed", "uniform")
+
+
+@dataclass
+class DraftConfig:
+    """DRaFT-K settings. Defaults: the paper's DRaFT-1 on SD3.5-Large-Turbo.
+
+    - ``k``: gradient steps at the end of the chain; with ``k_mode: uniform`` K is drawn per
+      step from ``[k_min, k]`` (the same K on every rank: it depends on ``seed`` and the step).
+    - ``lv_n``: DRaFT-LV when > 0: sample without gradient to the end, re-noise the result
+      ``lv_n`` times to the last step's noise level, and backpropagate through that one step
+      (K is 1).
+    - ``anchor_weight``: weight of ``mean ||v - v_base||^2`` over the gradient steps, ``v_base``
+      from the LoRA-disabled transformer (needs ``finetune.mode: lora``).
+    - ``reward_grad_clip``: clip each image's reward gradient to this L2 norm (None: off).
+    """
+
+    k: int = 1
+    k_mode: str = "fixed"
+    k_min: int = 1
+    lv_n: int = 0
+    anchor_weight: float = 0.0
+    reward_grad_clip: float | None = None
+    seed: int = 0
+
+    def validate(
+        self,
+        sampler: SamplerConfig | None = None,
+        finetune: FinetuneConfig | None = None,
+        path: str = "draft",
+        sampler_path: str = "sampler",
+        finetune_path: str = "finetune",
+    ) -> None:
+        if self.k < 1:
+            raise ValueError(f"{path}.k={self.k} must be >= 1")
+        if self.k_mode not in K_MODES:
+            raise ValueError(f"{path}.k_mode={self.k_mode!r} must be one of {K_MODES}")
+        if self.k_mode == "uniform" and not 1 <= self.k_min <= self.k:
+            raise ValueError(f"{path}.k_min={self.k_min} must be in [1, {path}.k={self.k}]")
+        if self.lv_n < 0:
+            raise ValueError(f"{path}.lv_n={self.lv_n} must be >= 0 (0: DRaFT-LV off)")
+        if self.lv_n and (self.k != 1 or self.k_mode != "fixed"):
+            raise ValueError(f"{path}.lv_n={self.lv_n} (DRaFT-LV) needs {path}.k=1, k_mode=fixed")
+        if self.anchor_weight < 0:
+            raise ValueError(f"{path}.anchor_weight={self.anchor_weight} must be >= 0")
+        if self.reward_grad_clip is not None and self.reward_grad_clip <= 0:
+            raise ValueError(f"{path}.reward_grad_clip={self.reward_grad_clip} must be > 0")
+        if sampler is not None and self.k > sampler.steps:
+            raise ValueError(f"{path}.k={self.k} must be <= {sampler_path}.steps={sampler.steps}")
+        if finetune is not None and self.anchor_weight > 0 and finetune.mode != "lora":
+            raise ValueError(
+                f"{path}.anchor_weight={self.anchor_weight} needs {finetune_path}.mode=lora "
+                "(the anchor is the LoRA-disabled model)"
+            )
+
+
+def draw_k(cfg: DraftConfig, step: int) -> int:
+    """K for training step ``step``: ``cfg.k``, or uniform in ``[k_min, k]`` seeded by
+    ``(cfg.seed, step)`` so that every rank draws the same K."""
+    if cfg.k_mode == "fixed":
+        return cfg.k
+    return random.Random(cfg.seed * 1_000_003 + step).randint(cfg.k_min, cfg.k)
+
+
+def reward_components(rewards) -> Components:
+    """Normalise rewards to ``{name: (weight, fn)}``.
+
+    Accepts that dict, a list of ``(name, weight, fn)``, a weighted-sum module with
+    ``components`` and ``weights`` (``rewards.registry.WeightedReward``), or one callable
+    (named ``reward``, weight 1).
+    """
+    if isinstance(rewards, Mapping):
+        out = dict(rewards)
+    elif hasattr(rewards, "components") and hasattr(rewards, "weights"):
+        out = {k: (float(rewards.weights[k]), m) for k, m in rewards.components.items()}
+    elif callable(rewards):
+        out = {"reward": (1.0, rewards)}
+    else:
+        out = {name: (w, fn) for name, w, fn in rewards}
+    if not out:
+        raise ValueError("rewards: no reward component given")
+    for name, item in out.items():
+        if not (isinstance(item, tuple) and len(item) == 2 and callable(item[1])):
+            raise ValueError(f"rewards[{name!r}] must be (weight, callable), got {item!r}")
+    return {name: (float(w), fn) for name, (w, fn) in out.items()}
+
+
+@dataclass
+class Scores:
+    """``total (B,)`` weighted sum, ``components`` name -> ``(B,)`` unweighted, and
+    ``grad (B, 3, H, W)`` = d(sum of ``total``)/d images (None when not asked for)."""
+
+    total: torch.Tensor
+    components: dict[str, torch.Tensor]
+    grad: torch.Tensor | None = None
+
+
+def score_and_grad(
+    components: Components, images: torch.Tensor, prompts: Sequence[str], grad: bool = True
+) -> Scores:
+    """Score ``images (B, 3, H, W)`` in [0, 1]; with ``grad``, also the image gradient of the
+    summed weighted reward (reward parameters get no gradient)."""
+    x = images.detach().float().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        comps = {name: fn(x, list(prompts)).float() for name, (_, fn) in components.items()}
+        total = sum(components[name][0] * s for name, s in comps.items())
+        g = torch.autograd.grad(total.sum(), x)[0] if grad else None
+    return Scores(total.detach(), {k: v.detach() for k, v in comps.items()}, g)
+
+
+def clip_image_grad(grad: torch.Tensor, max_norm: float | None) -> tuple[torch.Tensor, float]:
+    """Scale each image's gradient down to L2 norm ``max_norm``; returns it and the mean norm
+    before clipping."""
+    norms = grad.flatten(1).norm(dim=1)
+    if max_norm is not None:
+        grad = grad * (max_norm / (norms + 1e-12)).clamp(max=1.0).view(-1, 1, 1, 1)
+    return grad, float(norms.mean())
+
+
+class _AdaptersDisabled:
+    """Calls ``model`` with its LoRA adapters switched off: the anchor's reference model."""
+
+    def __init__(self, model, module):
+        self.model, self.module = model, module
+
+    def __call__(self, **kwargs):
+        self.module.disable_adapters()
+        try:
+            return self.model(**kwargs)
+        finally:
+            self.module.enable_adapters()
+
+
+@dataclass
+class Rollout:
+    """``images (B', 3, H, W)`` in [0, 1] carrying the graph of the last K steps; ``prompts``
+    (B' of them: each prompt ``lv_n`` times under DRaFT-LV); ``anchor`` scalar or None."""
+
+    images: torch.Tensor
+    prompts: list[str]
+    anchor: torch.Tensor | None
+    k: int
+
+
+def rollout_images(
+    model: Callable,
+    gen: Generator,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    sampler: SamplerConfig,
+    draft: DraftConfig,
+    k: int,
+) -> Rollout:
+    """Sample ``len(prompts)`` images, differentiable through the last ``k`` steps and the
+    decode. ``model`` is the transformer or a DeepSpeed engine around it."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; they must match")
+    if not 1 <= k <= sampler.steps:
+        raise ValueError(f"draft.k={k} must be in [1, sampler.steps={sampler.steps}]")
+    cond: PromptEmbeds = gen.encode_prompts(
+        prompts, sampler.guidance_scale, sampler.negative_prompt, sampler.max_sequence_length
+    )
+    generators = seeded_generators(seeds)
+    x = initial_latents(gen, generators, sampler.height, sampler.width)
+    timesteps, sigmas = schedule(
+        gen.pipe.scheduler.config, sampler.steps, x.shape[-2:], gen.transformer.config.patch_size
+    )
+    reference = None
+    if draft.anchor_weight > 0:
+        reference = _AdaptersDisabled(model, getattr(model, "module", model))
+    prompts = list(prompts)
+    n = len(timesteps)
+    if draft.lv_n:
+        with torch.no_grad():
+            x0 = rollout(model, x, cond, timesteps, sigmas, 0, sampler.guidance_scale).latents
+        # Per-sample generators continue after the initial noise: deterministic per seed.
+        noise = torch.cat(
+            [torch.randn((draft.lv_n, *x.shape[1:]), generator=g) for g in generators]
+        ).to(x.device, torch.float32)
+        s = sigmas[n - 1].to(x.device)
+        x = ((1 - s) * x0.float().repeat_interleave(draft.lv_n, 0) + s * noise).to(x.dtype)
+        cond = cond.repeat(draft.lv_n)
+        prompts = [p for p in prompts for _ in range(draft.lv_n)]
+        out = rollout(
+            model, x, cond, timesteps, sigmas, 1, sampler.guidance_scale, reference, start=n - 1
+        )
+        k = 1
+    else:
+        out = rollout(model, x, cond, timesteps, sigmas, k, sampler.guidance_scale, reference)
+    return Rollout(gen.decode(out.latents), prompts, out.anchor, k)
+
+
+def surrogate_loss(
+    ro: Rollout, image_grad: torch.Tensor, anchor_weight: float = 0.0
+) -> torch.Tensor:
+    """``-(images * g).sum() / B' + anchor_weight * anchor``: its parameter gradient is that of
+    ``-mean(weighted reward) + anchor_weight * anchor``."""
+    g = image_grad.to(ro.images.device, ro.images.dtype)
+    loss = -(ro.images * g).sum() / ro.images.shape[0]
+    if ro.anchor is not None and anchor_weight > 0:
+        loss = loss + anchor_weight * ro.anchor
+    return loss
+
+
+ScoreFn = Callable[[torch.Tensor, list[str]], Scores]
+
+
+def draft_step(
+    engine,
+    gen: Generator,
+    rewards,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    sampler: SamplerConfig,
+    draft: DraftConfig,
+    step: int = 0,
+    score_fn: ScoreFn | None = None,
+) -> dict[str, float]:
+    """One DRaFT-K update on this rank's ``prompts`` (one seed each); returns metrics.
+
+    ``engine``: a DeepSpeed engine around ``gen.transformer`` (or :class:`rlhf.engine.PlainEngine`);
+    every rank of a data-parallel group calls this with its own prompts and seeds.
+    ``rewards``: anything :func:`reward_components` accepts (ignored when ``score_fn`` is
+    given). ``score_fn(images, prompts) -> Scores`` with ``grad`` set replaces the in-process
+    reward, e.g. by a call to reward servers.
+
+    Metrics: ``loss``, ``reward`` (mean weighted), ``reward/<name>`` (mean of each component),
+    ``anchor``, ``k``, ``image_grad_norm`` (mean, before clipping), ``grad_norm`` (if the
+    engine reports it), ``time_s``.
+    """
+    t0 = time.perf_counter()
+    k = draw_k(draft, step)
+    ro = rollout_images(engine, gen, prompts, seeds, sampler, draft, k)
+    if score_fn is None:
+        components = reward_components(rewards)
+
+        def score_fn(images, ps):
+            return score_and_grad(components, images, ps)
+
+    scores = score_fn(ro.images.detach(), ro.prompts)
+    if scores.grad is None:
+        raise ValueError("score_fn must return Scores with grad set")
+    grad, grad_norm = clip_image_grad(scores.grad, draft.reward_grad_clip)
+    loss = surrogate_loss(ro, grad, draft.anchor_weight)
+    engine.backward(loss)
+    engine.step()
+    anchor = float(ro.anchor) if ro.anchor is not None else 0.0
+    metrics = {
+        "loss": -float(scores.total.mean()) + draft.anchor_weight * anchor,
+        "reward": float(scores.total.mean()),
+        **{f"reward/{k_}": float(v.mean()) for k_, v in scores.components.items()},
+        "anchor": anchor,
+        "k": float(ro.k),
+        "image_grad_norm": grad_norm,
+        "time_s": time.perf_counter() - t0,
+    }
+    gn = getattr(engine, "get_global_grad_norm", lambda: None)()
+    if gn is not None:
+        metrics["grad_norm"] = float(gn)
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(
+    model: Callable,
+    gen: Generator,
+    rewards,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    sampler: SamplerConfig,
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """Mean rewards of no-grad samples: ``reward`` (weighted) and ``reward/<name>``."""
+    components = reward_components(rewards)
+    totals, per = [], {name: [] for name in components}
+    for i in range(0, len(prompts), batch_size):
+        ps, ss = list(prompts[i : i + batch_size]), list(seeds[i : i + batch_size])
+        s = score_and_grad(components, sample(model, gen, ps, ss, sampler), ps, grad=False)
+        totals.append(s.total)
+        for name, v in s.components.items():
+            per[name].append(v)
+    out = {"reward": float(torch.cat(totals).mean())}
+    out.update({f"reward/{k}": float(torch.cat(v).mean()) for k, v in per.items()})
+    return out
