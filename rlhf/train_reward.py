@@ -175,6 +175,8 @@ def train_func(config: dict) -> None:
                         for k, v in r.metrics.items()
                     },
                     step=r.step,
+                    # Off the step's critical path; flushed before each checkpoint.
+                    synchronous=False,
                 )
             now = time.perf_counter()
             if now - last_print[0] > 5 or is_eval or r.step == total:
@@ -182,6 +184,8 @@ def train_func(config: dict) -> None:
                 print(_progress_line(r, total, t0, start), flush=True)
         # Every rank must report at the same steps (DeepSpeed saves are collective too).
         if r.step % cfg.eval_every == 0 or r.step == total:
+            if rank == 0:
+                mlflow.flush_async_logging()
             with tempfile.TemporaryDirectory() as d:
                 _save_checkpoint(
                     Path(d),

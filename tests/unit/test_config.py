@@ -70,16 +70,21 @@ def test_flatten():
     assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": {}}) == {"a.b": 1, "a.c.d": 2, "e": {}}
 
 
-def test_cli_bad_config_exits_nonzero_before_ray_starts(tmp_path, capsys):
+def test_cli_bad_config_exits_nonzero_before_ray_starts(tmp_path, capsys, monkeypatch):
     import ray
 
+    def no_ray(
+        *args, **kwargs
+    ):  # other tests may share a Ray session; a bad config must not touch it
+        raise AssertionError("ray.init called for a bad config")
+
+    monkeypatch.setattr(ray, "init", no_ray)
     rc = main(["train-reward", str(CONFIGS / "reward_ict.yaml"), "scaling.num_workers=0"])
     assert rc == 2
     assert "scaling.num_workers" in capsys.readouterr().err
     rc = main(["train-reward", str(CONFIGS / "reward_ict.yaml"), "data.train=/missing.parquet"])
     assert rc == 2
     assert "data.train" in capsys.readouterr().err
-    assert not ray.is_initialized()
 
 
 def test_cli_rewards_list(capsys):

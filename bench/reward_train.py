@@ -1,0 +1,159 @@
+"""Reward-training step time: a Ray Train job against a plain single-process loop.
+
+Both sides train the same tiny HP/ICT model on the same synthetic triplets with the same
+global batch, in one run:
+
+- ``plain``: one process, batch 2B, :func:`rewards.training.run_training` directly;
+- ``ray_1w``: a Ray Train job, 1 worker x batch 2B (the pure framework overhead);
+- ``ray_2w``: a Ray Train job, 2 workers x batch B over gloo/DDP (what the quickstart runs).
+
+Per-step times exclude start-up (first ``warmup`` steps dropped); the Ray jobs' per-step
+times come from the ``train/triplets_per_s`` metric rank 0 logs to MLflow. Start-up (Ray,
+workers, process group) is reported separately as wall time.
+
+    python -m bench.reward_train [--short] [--kind hp] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+
+def _cfg(kind: str, root: Path, steps: int, batch: int, workers: int, name: str):
+    from rewards.training import (
+        CheckpointConfig,
+        DataConfig,
+        LabelConfig,
+        MlflowConfig,
+        OptimConfig,
+        RewardTrainConfig,
+        ScalingConfig,
+    )
+
+    return RewardTrainConfig(
+        name=name,
+        kind=kind,
+        model={"options": {"backbone": "tiny"}},
+        data=DataConfig(
+            synthetic_train=steps * batch * workers, synthetic_eval=32, cache_dir=str(root / "data")
+        ),
+        labels=LabelConfig(source="rule"),
+        optim=OptimConfig(lr=1e-3, batch_size=batch, epochs=1),
+        scaling=ScalingConfig(num_workers=workers, cpus_per_worker=2 // workers),
+        checkpoint=CheckpointConfig(storage_path=str(root / "runs")),
+        mlflow=MlflowConfig(experiment="bench"),
+        eval_every=10**6,
+    ).validate()
+
+
+def _stats(xs: list[float]) -> dict:
+    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs), "n": len(xs)}
+
+
+def plain_step_times(cfg, warmup: int) -> tuple[list[float], float]:
+    from rewards.training import Objective, build_model, make_dataset, run_training
+
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    model, teacher, ict = build_model(cfg)
+    ds = make_dataset(cfg.data, "train")
+    stamps = []
+    run_training(
+        cfg,
+        model,
+        Objective(cfg, model, teacher, ict),
+        ds,
+        None,
+        on_step=lambda r, _: stamps.append(time.perf_counter()),
+    )
+    wall = time.perf_counter() - t0
+    return [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1 :])], wall
+
+
+def ray_step_times(cfg, warmup: int) -> tuple[list[float], float]:
+    from mlflow import MlflowClient
+
+    from rlhf.train_reward import run_job
+
+    t0 = time.perf_counter()
+    summary = run_job(cfg)
+    wall = time.perf_counter() - t0
+    hist = MlflowClient().get_metric_history(summary["run_id"], "train/triplets_per_s")
+    per_step = cfg.optim.batch_size * cfg.scaling.num_workers
+    times = [per_step / m.value for m in sorted(hist, key=lambda m: m.step)]
+    return times[warmup + 1 :], wall
+
+
+def run(short: bool = False, kind: str = "hp") -> dict:
+    import ray
+
+    from rlhf import tracking
+
+    logging.getLogger().setLevel(logging.ERROR)
+    steps, batch, warmup = (12, 16, 2) if short else (40, 32, 3)
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        import os
+
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+        tracking.setup(None, "bench")
+        base = _cfg(kind, root, steps, batch, 2, "bench-ray-2w")
+        plain_cfg = replace(
+            base,
+            optim=replace(base.optim, batch_size=2 * batch),
+            scaling=replace(base.scaling, num_workers=1),
+        )
+        ray1_cfg = replace(
+            plain_cfg, name="bench-ray-1w", scaling=replace(plain_cfg.scaling, cpus_per_worker=2)
+        )
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        try:
+            results = {}
+            for label, fn, cfg in (
+                ("plain", plain_step_times, plain_cfg),
+                ("ray_1w", ray_step_times, ray1_cfg),
+                ("ray_2w", ray_step_times, base),
+            ):
+                times, wall = fn(cfg, warmup)
+                results[label] = {"step_s": _stats(times), "wall_s": wall}
+        finally:
+            ray.shutdown()
+    plain = results["plain"]["step_s"]["median"]
+    for label in ("ray_1w", "ray_2w"):
+        results[label]["ratio_vs_plain"] = results[label]["step_s"]["median"] / plain
+    return {
+        "suite": "reward_train",
+        "kind": kind,
+        "global_batch": 2 * batch,
+        "steps": steps,
+        "short": short,
+        "results": results,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--short", action="store_true")
+    p.add_argument("--kind", default="hp", choices=["hp", "ict"])
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    out = json.dumps(run(a.short, a.kind), indent=2)
+    if a.out:
+        Path(a.out).write_text(out)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
