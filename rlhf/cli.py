@@ -101,6 +101,41 @@ def cmd_train_reward(args) -> int:
     return 0
 
 
+def init_ray() -> None:
+    """Join the cluster in ``RAY_ADDRESS`` (set by ``ray job submit``), else start a local Ray."""
+    import os
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
+
+
+def cmd_finetune(args) -> int:
+    from actors.coordinator import Coordinator, RunStopped, summary_lines
+    from actors.run_config import RunConfig
+    from rlhf.config import load_config
+
+    if args.resume:
+        if args.config or args.overrides:
+            raise ConfigError(
+                "--resume RUN_ID takes its config from the run; drop CONFIG/overrides"
+            )
+        cfg = None
+    else:
+        if not args.config:
+            raise ConfigError("give a CONFIG file (or --resume RUN_ID)")
+        cfg = load_config(RunConfig, args.config, args.overrides)
+    init_ray()
+    try:
+        summary = Coordinator(cfg, resume_run_id=args.resume).run()
+    except RunStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print("\n".join(summary_lines(summary)))
+    return 0
+
+
 def cmd_quickstart(args) -> int:
     from rlhf.quickstart import run_quickstart
 
@@ -164,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4")
     t.set_defaults(func=cmd_train_reward)
+
+    f = sub.add_parser("finetune", help="DRaFT-K fine-tuning of SD3/SD3.5 against rewards")
+    f.add_argument("config", nargs="?", help="a run config, e.g. configs/quickstart.yaml")
+    f.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=10")
+    f.add_argument("--resume", metavar="RUN_ID", help="continue an MLflow run from its checkpoint")
+    f.set_defaults(func=cmd_finetune)
     return p
 
 

@@ -1,0 +1,432 @@
+"""The learner: drives a DRaFT-K run over the generator group and the reward servers.
+
+It runs in the job's driver process (``rlhf finetune``, also under ``ray job submit``) and
+owns every actor of the run, so a dead driver takes its actors with it. Per step it hands
+each worker its share of the step's prompts and seeds (the data position *is* the step, see
+:mod:`rlhf.prompts`), averages the workers' metrics and logs them to MLflow. Every
+``eval_every`` steps it samples fixed held-out prompts and seeds and scores them with every
+configured reward (image grids and reward-hacking statistics too); every ``checkpoint_every``
+steps it writes a resume bundle plus the policy export and registers the export as an
+MLflow model version (aliases ``best``, by held-out reward, and ``last``).
+
+Faults: a worker that dies makes the coordinator rebuild the group from the last good
+checkpoint (a checkpoint is good when its manifest of file sizes and hashes matches); a
+reward server that dies is restarted by Ray and the call resent; a non-finite reward skips
+the step on every rank, and ``train.max_bad_steps`` in a row stop the run with a
+checkpoint. Steps already in MLflow are not logged again after a resume or a rebuild.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from actors.generator_worker import WorkerGroup, WorkerGroupError
+from actors.reward_server import RewardClient
+from actors.run_config import RunConfig
+from rlhf import tracking
+from rlhf.config import bind, flatten
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+RUN_DIR_TAG = "rlhf.run_dir"
+
+
+class RunStopped(RuntimeError):
+    """The run stopped on a rule (too many bad steps); a checkpoint was saved."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated or corrupt (the message names it)."""
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path, step: int) -> None:
+    """Sizes and hashes of every file under ``folder``, written last and atomically: a
+    checkpoint without a manifest is incomplete."""
+    files = {
+        str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"step": step, "files": files}, indent=1))
+    os.replace(tmp, folder / MANIFEST)
+
+
+def verify_checkpoint(folder: Path) -> int:
+    """The checkpoint's step if every file matches its manifest; else :class:`CheckpointError`
+    naming the first bad file."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise CheckpointError(f"{folder}: incomplete checkpoint (no {MANIFEST})")
+    try:
+        doc = json.loads(manifest.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{manifest}: corrupt manifest ({e})") from e
+    for rel, want in doc["files"].items():
+        p = folder / rel
+        if not p.is_file():
+            raise CheckpointError(f"{p}: missing checkpoint file")
+        if p.stat().st_size != want["bytes"]:
+            raise CheckpointError(
+                f"{p}: truncated or changed ({p.stat().st_size} bytes, expected {want['bytes']})"
+            )
+        if _sha256(p) != want["sha256"]:
+            raise CheckpointError(f"{p}: corrupt checkpoint file (hash mismatch)")
+    return int(doc["step"])
+
+
+def checkpoint_folders(run_dir: Path) -> list[Path]:
+    """``run_dir/checkpoints/step_*``, newest first."""
+    root = run_dir / "checkpoints"
+    return sorted(root.glob("step_*"), reverse=True) if root.is_dir() else []
+
+
+# --------------------------------------------------------------------------- the learner
+
+
+class Coordinator:
+    """One fine-tuning run. ``resume_run_id`` continues an MLflow run from its last good
+    checkpoint (its config comes from the run; ``cfg`` is then ignored)."""
+
+    def __init__(self, cfg: RunConfig | None, resume_run_id: str | None = None, progress=True):
+        if cfg is None and resume_run_id is None:
+            raise ValueError("give a config or a run id to resume")
+        self.cfg = cfg
+        self.resume_run_id = resume_run_id
+        self.progress = progress
+        self.group: WorkerGroup | None = None
+        self.clients: dict[str, RewardClient] = {}
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.versions: list[int] = []
+        self.bad_in_row = 0
+        self.skipped_total = 0
+        self.rebuilds = 0
+        self.last_logged = -1
+
+    # ------------------------------------------------------------------ set-up
+
+    def _start_run(self):
+        import mlflow
+
+        if self.resume_run_id:
+            mlflow.set_tracking_uri(tracking.tracking_uri(None))  # where this process points
+            run = mlflow.get_run(self.resume_run_id)
+            doc = mlflow.artifacts.load_dict(f"runs:/{self.resume_run_id}/config.json")
+            self.cfg = bind(RunConfig, doc).validate()
+            mlflow.set_experiment(experiment_id=run.info.experiment_id)
+            self.run = mlflow.start_run(run_id=self.resume_run_id)
+            self.run_dir = Path(run.data.tags[RUN_DIR_TAG])
+            self.last_logged = max(
+                tracking.logged_steps(self.resume_run_id, "train/loss"), default=-1
+            )
+            print(f"resuming run {self.resume_run_id} (logged up to step {self.last_logged})")
+        else:
+            cfg = self.cfg
+            tracking.setup(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
+            self.run = mlflow.start_run(run_name=cfg.name)
+            rid = self.run.info.run_id
+            self.run_dir = (Path(cfg.output_dir) / f"{cfg.name}-{rid[:8]}").resolve()
+            mlflow.set_tag(RUN_DIR_TAG, str(self.run_dir))
+            mlflow.log_dict(cfg.to_dict(), "config.json")
+            params = {k: str(v)[:500] for k, v in flatten(cfg.to_dict()).items()}
+            mlflow.log_params(params)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_id = self.run.info.run_id
+
+    def _start_servers(self) -> None:
+        for spec in self.cfg.reward_specs() + self.cfg.eval_reward_specs():
+            if spec.placement == "server":
+                t = time.perf_counter()
+                self.clients[spec.key] = RewardClient(
+                    spec, self.cfg.reward_server, seed=self.cfg.seed
+                ).start()
+                print(f"reward server {spec.key} ready ({time.perf_counter() - t:.1f}s)")
+
+    def _start_group(self) -> int:
+        """Start the worker group and restore the newest good checkpoint; returns its step
+        (0: none)."""
+        t = time.perf_counter()
+        self.group = WorkerGroup(self.cfg, self.clients).start()
+        print(
+            f"{self.cfg.workers.num_workers} generator worker(s) ready ({time.perf_counter() - t:.1f}s)"
+        )
+        for folder in checkpoint_folders(self.run_dir):
+            try:
+                step = verify_checkpoint(folder)
+                step, state = self.group.load(str(folder / "resume"))
+            except CheckpointError as e:
+                print(f"skipping checkpoint: {e}")
+                log.error("%s", e)
+                continue
+            except WorkerGroupError as e:
+                print(f"skipping checkpoint {folder}: cannot load it ({e.__cause__ or e})")
+                self.group.kill()
+                self.group = WorkerGroup(self.cfg, self.clients).start()
+                continue
+            self.best, self.best_step = state.get("best"), state.get("best_step")
+            self.skipped_total = state.get("skipped_total", 0)
+            print(f"restored {folder.name} (step {step})")
+            return step
+        return 0
+
+    # ------------------------------------------------------------------ logging
+
+    def _log(self, metrics: dict, step: int) -> None:
+        import mlflow
+
+        if step <= self.last_logged:
+            return  # already in MLflow from before a resume or rebuild
+        mlflow.log_metrics(
+            {tracking.metric_key(k): float(v) for k, v in metrics.items()}, step=step
+        )
+
+    def _progress(self, step: int, m: dict, t0: float, start: int) -> None:
+        total = self.cfg.train.max_steps
+        done = step - start
+        rate = done / max(time.perf_counter() - t0, 1e-9)
+        eta = (total - step) / rate if rate > 0 else float("nan")
+        flag = " (skipped: non-finite reward)" if m.get("skipped") else ""
+        print(
+            f"step {step}/{total} loss {m.get('loss', float('nan')):+.4f} "
+            f"reward {m.get('reward', float('nan')):.4f} "
+            f"{m.get('images_per_s', 0):.2f} img/s ETA {eta:.0f}s{flag}",
+            flush=True,
+        )
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _eval_set(self) -> tuple[list[str], list[int]]:
+        from rlhf.prompts import read_prompts
+
+        p = self.cfg.prompts
+        prompts = read_prompts(p.eval, p.column, p.synthetic_eval, seed=p.eval_seed)
+        n = self.cfg.workers.num_workers
+        padded = prompts + prompts[: (-len(prompts)) % n]
+        return padded, [p.eval_seed + i for i in range(len(padded))]
+
+    def evaluate(self, step: int) -> dict:
+        import mlflow
+
+        from rlhf.image_stats import grid, image_stats
+
+        prompts, seeds = self._eval_set()
+        out = self.group.evaluate(prompts, seeds)
+        metrics = {"eval/reward": float(out["total"].mean())}
+        metrics.update({f"eval/reward/{k}": float(v.mean()) for k, v in out["scores"].items()})
+        import torch
+
+        imgs = torch.from_numpy(out["images"]).permute(0, 3, 1, 2).float() / 255
+        metrics.update({f"eval/{k}": v for k, v in image_stats(imgs).items()})
+        self._log(metrics, step)
+        picture = grid(out["images"])
+        samples = self.run_dir / "samples"
+        samples.mkdir(exist_ok=True)
+        from PIL import Image
+
+        Image.fromarray(picture).save(samples / f"step_{step:06d}.png")
+        if step > self.last_logged:
+            mlflow.log_image(picture, f"eval/samples_step_{step:06d}.png")
+        parts = " ".join(
+            f"{k.split('/')[-1]}={v:.4f}" for k, v in metrics.items() if "/reward" in k
+        )
+        print(f"eval @ step {step}: {parts}", flush=True)
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint(self, step: int, eval_reward: float | None) -> None:
+        import mlflow
+
+        folder = self.run_dir / "checkpoints" / f"step_{step:06d}"
+        export = folder / "export"
+        is_best = eval_reward is not None and (self.best is None or eval_reward > self.best)
+        if is_best:
+            self.best, self.best_step = eval_reward, step
+        state = {
+            "best": self.best,
+            "best_step": self.best_step,
+            "skipped_total": self.skipped_total,
+        }
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in (MANIFEST,):
+            (folder / stale).unlink(missing_ok=True)
+        self.group.save(str(folder / "resume"), step, state, str(export))
+        (export / "policy_config.json").write_text(
+            json.dumps(self.cfg.to_dict()["policy"], indent=1)
+        )
+        write_manifest(folder, step)
+        for old in checkpoint_folders(self.run_dir)[self.cfg.train.keep_checkpoints :]:
+            shutil.rmtree(old, ignore_errors=True)
+        if self.cfg.mlflow.register_as and step > self.last_logged:
+            aliases = ("last", "best") if is_best else ("last",)
+            v = tracking.register_folder(
+                export,
+                self.cfg.mlflow.register_as,
+                self.run_id,
+                aliases=aliases,
+                tags={"step": str(step)},
+            )
+            self.versions.append(v)
+            mlflow.set_tag("rlhf.last_policy_version", str(v))
+            print(
+                f"checkpoint step {step}: registered {self.cfg.mlflow.register_as} v{v}"
+                f"{' (best)' if is_best else ''}"
+            )
+        else:
+            print(f"checkpoint step {step}: {folder}")
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> dict:
+        import mlflow
+
+        from rlhf.prompts import read_prompts, step_batch
+
+        self._start_run()
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        try:
+            self._start_servers()
+            step = self._start_group()
+            p = cfg.prompts
+            prompts = read_prompts(p.train, p.column, p.synthetic_train, seed=cfg.seed)
+            before = None
+            if step == 0:
+                before = self.evaluate(0)
+            last_eval = None
+            t0, start = time.perf_counter(), step
+            stop_reason = "max_steps"
+            while step < cfg.train.max_steps:
+                nxt = step + 1
+                batch, seeds = step_batch(prompts, nxt, cfg.global_batch, cfg.seed)
+                t = time.perf_counter()
+                try:
+                    m = self.group.step(nxt, batch, seeds)
+                except WorkerGroupError as e:
+                    step = self._rebuild(e)
+                    continue
+                step = nxt
+                m["images_per_s"] = cfg.global_batch / (time.perf_counter() - t)
+                if m.get("skipped"):
+                    self.bad_in_row += 1
+                    self.skipped_total += 1
+                    log.warning("step %d skipped: non-finite reward or gradient", step)
+                else:
+                    self.bad_in_row = 0
+                m["skipped_total"] = self.skipped_total
+                self._log({f"train/{k}": v for k, v in m.items()}, step)
+                if self.progress:
+                    self._progress(step, m, t0, start)
+                if self.bad_in_row >= cfg.train.max_bad_steps:
+                    self.checkpoint(step, None)
+                    raise RunStopped(
+                        f"stopped at step {step}: {self.bad_in_row} steps in a row had a "
+                        f"non-finite reward or gradient (train.max_bad_steps="
+                        f"{cfg.train.max_bad_steps}); checkpoint saved in {self.run_dir}"
+                    )
+                final = step == cfg.train.max_steps
+                ev = None
+                if step % cfg.train.eval_every == 0 or final:
+                    ev = self.evaluate(step)
+                    last_eval = ev
+                if step % cfg.train.checkpoint_every == 0 or final:
+                    try:
+                        self.checkpoint(step, ev["eval/reward"] if ev else None)
+                    except WorkerGroupError as e:
+                        step = self._rebuild(e)
+                        continue
+                if ev is not None and self._early_stop(step):
+                    stop_reason = "early_stop"
+                    if step % cfg.train.checkpoint_every and not final:
+                        self.checkpoint(step, ev["eval/reward"])
+                    break
+            summary = {
+                "run_id": self.run_id,
+                "run_dir": str(self.run_dir),
+                "steps": step,
+                "stop_reason": stop_reason,
+                "reward_before": before,
+                "reward_after": last_eval,
+                "best_step": self.best_step,
+                "registered_model": cfg.mlflow.register_as,
+                "versions": self.versions,
+                "skipped_steps": self.skipped_total,
+                "rebuilds": self.rebuilds,
+                "samples": str(self.run_dir / "samples"),
+                "wall_s": time.perf_counter() - t_start,
+            }
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            mlflow.end_run()
+            return summary
+        except BaseException:
+            mlflow.end_run(status="FAILED")
+            raise
+        finally:
+            self.shutdown()
+
+    def _early_stop(self, step: int) -> bool:
+        es = self.cfg.train.early_stop
+        if not es.patience or self.best_step is None:
+            return False
+        evals_since = (step - self.best_step) // self.cfg.train.eval_every
+        return evals_since >= es.patience
+
+    def _rebuild(self, err: Exception) -> int:
+        self.rebuilds += 1
+        if self.rebuilds > self.cfg.workers.max_rebuilds:
+            raise RuntimeError(
+                f"generator group failed {self.rebuilds} times (workers.max_rebuilds="
+                f"{self.cfg.workers.max_rebuilds}): {err}"
+            ) from err
+        print(f"generator group failed ({err}); rebuilding from the last checkpoint", flush=True)
+        self.group.kill()
+        return self._start_group()
+
+    def shutdown(self) -> None:
+        if self.group is not None:
+            self.group.kill()
+            self.group = None
+        for c in self.clients.values():
+            try:
+                c.shutdown()
+            except Exception:  # best effort at teardown
+                pass
+        self.clients = {}
+
+
+def summary_lines(s: dict) -> list[str]:
+    """The human summary of a run (reward before/after per component)."""
+    lines = [f"run {s['run_id']}: {s['steps']} steps ({s['stop_reason']}), {s['wall_s']:.0f}s"]
+    before, after = s.get("reward_before") or {}, s.get("reward_after") or {}
+    for k in sorted(set(before) | set(after)):
+        if "reward" in k:
+            b, a = before.get(k, np.nan), after.get(k, np.nan)
+            lines.append(f"  {k:<28} {b:8.4f} -> {a:8.4f}  ({a - b:+.4f})")
+    if s.get("versions"):
+        lines.append(
+            f"  policy: models:/{s['registered_model']}/{s['versions'][-1]} "
+            f"(versions {s['versions']}, best at step {s['best_step']})"
+        )
+    lines.append(f"  samples: {s['samples']}")
+    return lines
