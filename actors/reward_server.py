@@ -1,0 +1,512 @@
+"""RewardServer: one reward model in a Ray actor, batching concurrent requests.
+
+Generator workers send images and prompts and get back the scores and, for the DRaFT-K
+backward pass, the vector-Jacobian product ``d(weight * sum(scores)) / d(images)``; the
+worker finishes with ``images.backward(-grad)``. Concurrent calls are queued and run together,
+up to ``max_batch_size`` images per forward. Every reward here scores each sample on its
+own (per-sample preprocessing, no batch statistics), so a request's scores and gradient do not
+depend on what it was batched with.
+
+:class:`RewardClient` is the caller's side: a picklable handle that creates or finds the named
+server and resends a call when the server died and Ray restarted it.
+
+Wire format: the client sends numpy arrays, because Ray moves those through its object store
+without pickling (torch tensors are pickled, several times slower at image sizes). The server
+answers in the kind it was sent: numpy for numpy, torch for torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import RayActorError, RayTaskError
+
+from actors.options import ActorResources, actor_options
+from rewards.base import check_images
+from rewards.registry import RewardSpec, build_reward
+
+log = logging.getLogger(__name__)
+
+SCORE, GRAD = "score", "grad"
+
+
+@dataclass
+class ServerConfig:
+    """How reward servers are placed, batch and are called.
+
+    max_batch_size: images per forward; a larger request runs in chunks of this size.
+    batch_wait_ms: how long the oldest queued request waits for others to join its batch.
+        0 batches only what queued up while the previous forward ran (no added latency).
+    retries: resends of a call that failed because the server died; backoff_s doubles
+        between them (capped at 8 s). timeout_s: per call, None waits as long as it takes.
+    """
+
+    resources: ActorResources = field(default_factory=ActorResources)
+    max_batch_size: int = 64
+    batch_wait_ms: float = 2.0
+    retries: int = 5
+    backoff_s: float = 0.5
+    timeout_s: float | None = None
+
+    def validate(self, path: str = "reward_server") -> None:
+        self.resources.validate(f"{path}.resources")
+        if self.max_batch_size < 1:
+            raise ValueError(f"{path}.max_batch_size={self.max_batch_size} must be >= 1")
+        if not 0 <= self.batch_wait_ms <= 10_000:
+            raise ValueError(f"{path}.batch_wait_ms={self.batch_wait_ms} must be in [0, 10000]")
+        if self.retries < 0:
+            raise ValueError(f"{path}.retries={self.retries} must be >= 0")
+        if self.backoff_s < 0:
+            raise ValueError(f"{path}.backoff_s={self.backoff_s} must be >= 0")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise ValueError(f"{path}.timeout_s={self.timeout_s} must be > 0 or null")
+
+
+@dataclass
+class _Request:
+    kind: str
+    images: torch.Tensor  # (b, 3, H, W) float, CPU
+    prompts: list[str]
+    weight: float
+    future: asyncio.Future
+    arrived: float
+
+    @property
+    def key(self) -> tuple:
+        # Only requests of one kind and one image shape/dtype can share a forward.
+        return (self.kind, tuple(self.images.shape[1:]), self.images.dtype)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+class RewardServer:
+    """One reward model behind an asyncio Ray actor (``ray.remote(RewardServer)``).
+
+    Args:
+        spec: a reward spec (``{name, checkpoint, options}``), see :mod:`rewards.registry`.
+        max_batch_size, batch_wait_ms: see :class:`ServerConfig`.
+        seed: seeds torch before the model is built (random-init tiny rewards).
+        tracking_uri: the MLflow store that ``models:/`` and ``runs:/`` checkpoints come
+            from (the actor process does not see a URI the caller set after Ray started).
+    """
+
+    def __init__(
+        self,
+        spec: dict | RewardSpec | str,
+        max_batch_size: int = 64,
+        batch_wait_ms: float = 2.0,
+        seed: int | None = None,
+        tracking_uri: str | None = None,
+    ):
+        self.spec = spec if isinstance(spec, RewardSpec) else RewardSpec.from_dict(spec)
+        if tracking_uri:
+            os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+            if "mlflow" in sys.modules:
+                sys.modules["mlflow"].set_tracking_uri(tracking_uri)
+        if seed is not None:
+            torch.manual_seed(seed)
+        gpu = ray.is_initialized() and bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+        self.device = torch.device("cuda" if gpu else "cpu")
+        self.model = build_reward(self.spec).eval().requires_grad_(False).to(self.device)
+        self.max_batch_size = int(max_batch_size)
+        self.batch_wait_s = float(batch_wait_ms) / 1000
+        self._pending: deque[_Request] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._runner: asyncio.Task | None = None
+        # One thread runs every forward: the event loop stays free to queue new requests.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="reward-forward")
+        self.restarts = _count_start()
+        self.stats = {"batches": 0, "requests": 0, "images": 0, "errors": 0, "compute_s": 0.0}
+        log.info("reward server %s on %s (pid %d)", self.spec.key, self.device, os.getpid())
+
+    # ------------------------------------------------------------------ public methods
+
+    async def score(self, images, prompts: Sequence[str] | None):
+        """Args: images ``(B, 3, H, W)`` float in [0, 1], torch or numpy; prompts ``B``
+        strings (None for an image-only reward). Returns: scores ``(B,)`` float32, CPU."""
+        req, as_numpy = self._request(SCORE, images, prompts, 1.0)
+        scores, _ = await self._submit(req)
+        return _out(scores, as_numpy)
+
+    async def score_and_grad(self, images, prompts: Sequence[str] | None, weight: float = 1.0):
+        """Returns ``(scores (B,) float32, grad (B, 3, H, W))`` with
+        ``grad = d(weight * sum(scores)) / d(images)`` in the images' dtype, CPU."""
+        req, as_numpy = self._request(GRAD, images, prompts, weight)
+        scores, grad = await self._submit(req)
+        return _out(scores, as_numpy), _out(grad, as_numpy)
+
+    async def ping(self) -> bool:
+        return True
+
+    async def info(self) -> dict:
+        """Name, device, and counts: ``batches`` (forwards run), ``requests``, ``images``,
+        ``errors`` (requests refused or failed), ``compute_s`` (time spent in forwards);
+        ``restarts``: how often Ray restarted this server after it died (``restarted``:
+        at least once). The counts start at 0 in each process."""
+        return {
+            "name": self.spec.key,
+            "reward": getattr(self.model, "reward_name", self.spec.name),
+            "device": str(self.device),
+            "pid": os.getpid(),
+            "restarted": self.restarts > 0,
+            "restarts": self.restarts,
+            "max_batch_size": self.max_batch_size,
+            "batch_wait_ms": self.batch_wait_s * 1000,
+            "queued": len(self._pending),
+            **self.stats,
+        }
+
+    # ------------------------------------------------------------------ queueing
+
+    def _request(self, kind, images, prompts, weight) -> tuple[_Request, bool]:
+        try:
+            as_numpy = isinstance(images, np.ndarray)
+            if as_numpy:
+                if images.dtype.kind not in "fiub":
+                    raise ValueError(
+                        f"images must be a float array in [0, 1], got dtype {images.dtype}"
+                    )
+                with warnings.catch_warnings():
+                    # Ray hands arrays over read-only; the server never writes to them.
+                    warnings.simplefilter("ignore", UserWarning)
+                    images = torch.from_numpy(images)
+            check_images(images)
+            if images.is_floating_point() and not bool(torch.isfinite(images).all()):
+                raise ValueError("images contain NaN or infinite values")
+            if prompts is None and not getattr(self.model, "uses_prompts", True):
+                prompts = [""] * len(images)
+            if prompts is None:
+                raise ValueError(f"reward {self.spec.key!r} needs prompts")
+            if not isinstance(prompts, Sequence):
+                raise ValueError(
+                    f"prompts must be a sequence of strings, got {type(prompts).__name__}"
+                )
+            check_images(images, prompts)
+            prompts = list(prompts)
+            if not all(isinstance(p, str) for p in prompts):
+                raise ValueError("prompts must all be strings")
+            if (
+                isinstance(weight, bool)
+                or not isinstance(weight, (int, float))
+                or not math.isfinite(weight)
+            ):
+                raise ValueError(f"weight={weight!r} must be a finite number")
+            if images.device.type != "cpu":
+                images = images.cpu()
+        except (ValueError, TypeError) as e:
+            self.stats["errors"] += 1
+            if isinstance(e, ValueError):
+                raise
+            raise ValueError(f"bad request to reward {self.spec.key!r}: {e}") from e
+        req = _Request(kind, images.detach(), prompts, float(weight), None, time.monotonic())
+        return req, as_numpy
+
+    async def _submit(self, req: _Request) -> tuple[torch.Tensor, torch.Tensor | None]:
+        loop = asyncio.get_running_loop()
+        if self._runner is None or self._runner.done():
+            self._wakeup = asyncio.Event()
+            self._runner = loop.create_task(self._run())
+        req.future = loop.create_future()
+        self._pending.append(req)
+        self._wakeup.set()
+        return await req.future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = await self._gather()
+            try:
+                await self._serve(loop, batch)
+            except Exception as e:  # a bug here must not leave callers waiting forever
+                log.exception("reward %s: serving a batch failed", self.spec.key)
+                for r in batch:
+                    if not r.future.done():
+                        r.future.set_exception(e)
+
+    async def _gather(self) -> list[_Request]:
+        """The oldest request and the queued ones that can share its forward, after waiting
+        until ``batch_wait_ms`` past its arrival (or until the batch is full)."""
+        first = self._pending[0]
+        deadline = first.arrived + self.batch_wait_s
+        while sum(len(r) for r in self._pending if r.key == first.key) < self.max_batch_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), left)
+            except asyncio.TimeoutError:
+                break
+        batch, rest, n = [], deque(), 0
+        for r in self._pending:
+            if r.key == first.key and (not batch or n + len(r) <= self.max_batch_size):
+                batch.append(r)
+                n += len(r)
+            else:
+                rest.append(r)
+        self._pending = rest
+        return batch
+
+    async def _serve(self, loop, batch: list[_Request]) -> None:
+        t0 = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(self._executor, self._compute, batch)
+        except Exception as e:
+            if len(batch) > 1:
+                # Run them one by one so that only the request at fault fails.
+                for r in batch:
+                    await self._serve(loop, [r])
+                return
+            log.warning("reward %s: request failed: %r", self.spec.key, e)
+            self.stats["errors"] += 1
+            results = [e]
+        n = sum(len(r) for r in batch)
+        self.stats["compute_s"] += time.perf_counter() - t0
+        self.stats["batches"] += math.ceil(n / self.max_batch_size)
+        self.stats["requests"] += len(batch)
+        self.stats["images"] += n
+        for r, res in zip(batch, results):
+            if r.future.done():  # the caller was cancelled
+                continue
+            if isinstance(res, Exception):
+                r.future.set_exception(res)
+            else:
+                r.future.set_result(res)
+
+    # ------------------------------------------------------------------ compute
+
+    def _compute(self, batch: list[_Request]) -> list[tuple]:
+        """Runs in the forward thread: one merged forward (chunked past max_batch_size),
+        split back per request."""
+        grad = batch[0].kind == GRAD
+        x = batch[0].images if len(batch) == 1 else torch.cat([r.images for r in batch])
+        prompts = [p for r in batch for p in r.prompts]
+        w = torch.cat([torch.full((len(r),), r.weight) for r in batch]) if grad else None
+        scores, grads = [], []
+        for i in range(0, len(prompts), self.max_batch_size):
+            j = i + self.max_batch_size
+            s, g = self._forward(x[i:j], prompts[i:j], None if w is None else w[i:j])
+            scores.append(s)
+            grads.append(g)
+        sizes = [len(r) for r in batch]
+        scores = torch.cat(scores).split(sizes)
+        if not grad:
+            return [(s, None) for s in scores]
+        grads = torch.cat(grads).split(sizes)
+        return [(s, g.to(r.images.dtype)) for s, g, r in zip(scores, grads, batch)]
+
+    def _forward(self, x, prompts, weights) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = x.to(self.device, torch.float32, non_blocking=True)
+        if weights is None:
+            with torch.inference_mode():
+                return self.model.score(x, prompts).float().cpu(), None
+        # A fresh leaf: never mark the caller's tensor as requiring grad.
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            s = self.model.score(x, prompts)
+            # sum_i w_i s_i: each sample's gradient is its request's weight times d s_i / d x_i.
+            (g,) = torch.autograd.grad((s * weights.to(s)).sum(), x)
+        return s.detach().float().cpu(), g.cpu()
+
+
+def _count_start() -> int:
+    """How many times this actor started before (0 for a fresh one).
+
+    Ray 2.60's ``was_current_actor_reconstructed`` stays False after a restart that
+    ``ray.kill(no_restart=False)`` caused, so each start is counted in Ray's internal KV store,
+    keyed by the actor id (which a restart keeps).
+    """
+    try:
+        from ray.experimental import internal_kv
+
+        actor_id = ray.get_runtime_context().get_actor_id()
+        if actor_id is None:
+            return 0
+        key = f"reward-server-starts:{actor_id}"
+        before = int(internal_kv._internal_kv_get(key, namespace="rlhf") or 0)
+        internal_kv._internal_kv_put(key, str(before + 1), overwrite=True, namespace="rlhf")
+        return before
+    except Exception:  # not inside an actor, or no Ray
+        return 0
+
+
+def _out(t: torch.Tensor, as_numpy: bool):
+    # Split views share the batch's storage; torch pickling would ship all of it.
+    return t.numpy() if as_numpy else t.clone()
+
+
+_RemoteRewardServer = ray.remote(RewardServer)
+
+
+def server_name(spec: RewardSpec, seed: int | None = None) -> str:
+    """``reward-<key>-<hash>``: the same model (name, checkpoint, options, seed) shares one
+    server; a different one with the same key gets its own."""
+    ident = {"name": spec.name, "checkpoint": spec.checkpoint, "options": spec.options}
+    digest = hashlib.sha1(json.dumps({**ident, "seed": seed}, sort_keys=True, default=str).encode())
+    return f"reward-{spec.key}-{digest.hexdigest()[:8]}"
+
+
+class RewardClient:
+    """The caller's handle on one reward server; picklable, so it can be passed to actors.
+
+    The server is a named actor: the first :meth:`start` (or call) creates it, later ones and
+    other processes find it by name. Create it from the driver or the coordinator, so that
+    the server's lifetime follows that process and not a worker's.
+
+    Calls that fail because the server died are resent (``config.retries`` times, with
+    backoff) once Ray has restarted it; a server gone for good is created again. A bad
+    request raises the server's ``ValueError`` at once.
+    """
+
+    def __init__(
+        self,
+        spec: dict | RewardSpec | str,
+        config: ServerConfig | None = None,
+        *,
+        seed: int | None = None,
+        name: str | None = None,
+    ):
+        self.spec = spec if isinstance(spec, RewardSpec) else RewardSpec.from_dict(spec)
+        self.config = config or ServerConfig()
+        self.config.validate()
+        self.seed = seed
+        self.name = name or server_name(self.spec, seed)
+        self._handle = None
+
+    def __getstate__(self) -> dict:
+        # Each process looks the server up by name.
+        return {**self.__dict__, "_handle": None}
+
+    @property
+    def handle(self):
+        """The server's actor handle (created if no server of this name is alive)."""
+        if self._handle is None:
+            self._handle = self._get_or_create()
+        return self._handle
+
+    def _get_or_create(self):
+        cfg = self.config
+        opts = actor_options(cfg.resources, self.name, get_if_exists=True)
+        return _RemoteRewardServer.options(**opts).remote(
+            dataclasses.asdict(self.spec),
+            cfg.max_batch_size,
+            cfg.batch_wait_ms,
+            self.seed,
+            tracking_uri=_tracking_uri(self.spec),
+        )
+
+    def start(self) -> RewardClient:
+        """Create (or find) the server and wait until it has loaded its model."""
+        self._call("ping")
+        return self
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str] | None) -> torch.Tensor:
+        """Args: images ``(B, 3, H, W)`` float in [0, 1] (any device); prompts ``B`` strings.
+        Returns: scores ``(B,)`` float32 on the images' device."""
+        scores = self._call("score", _to_wire(images), _prompts(prompts))
+        return torch.tensor(scores, device=_device(images))
+
+    def score_and_grad(
+        self, images: torch.Tensor, prompts: Sequence[str] | None, weight: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(scores (B,), grad (B, 3, H, W))``, ``grad = d(weight * sum(scores)) /
+        d(images)`` with the images' dtype and device, ready for ``images.backward(-grad)``."""
+        scores, grad = self._call("score_and_grad", _to_wire(images), _prompts(prompts), weight)
+        dtype = images.dtype if isinstance(images, torch.Tensor) else None
+        device = _device(images)
+        return torch.tensor(scores, device=device), torch.tensor(grad, dtype=dtype, device=device)
+
+    def info(self) -> dict:
+        return self._call("info")
+
+    def shutdown(self) -> None:
+        """Stop the server for good (no restart)."""
+        if self._handle is not None or self._exists():
+            ray.kill(self.handle, no_restart=True)
+        self._handle = None
+
+    def _exists(self) -> bool:
+        try:
+            ray.get_actor(self.name)
+            return True
+        except ValueError:
+            return False
+
+    def _call(self, method: str, *args):
+        delay = self.config.backoff_s
+        for attempt in range(self.config.retries + 1):
+            try:
+                ref = getattr(self.handle, method).remote(*args)
+                return ray.get(ref, timeout=self.config.timeout_s)
+            except RayTaskError as e:
+                if isinstance(e.cause, ValueError):
+                    raise e.cause from None
+                raise
+            except RayActorError as e:
+                if e.actor_init_failed or attempt == self.config.retries:
+                    raise
+                log.warning(
+                    "reward server %s unavailable (%s); retry %d/%d in %.1fs",
+                    self.name,
+                    type(e).__name__,
+                    attempt + 1,
+                    self.config.retries,
+                    delay,
+                )
+                time.sleep(delay)
+                delay = min(2 * delay, 8.0)
+                # Looked up again: the same actor while Ray restarts it, a new one if it is gone
+                # for good. The old handle is replaced only after the lookup: dropping the
+                # creator's last handle first would make Ray destroy a restarting server.
+                self._handle = self._get_or_create()
+
+
+def _tracking_uri(spec: RewardSpec) -> str | None:
+    """The caller's MLflow store, when the spec loads anything from MLflow."""
+    text = json.dumps(dataclasses.asdict(spec), default=str)
+    if not any(f'"{s}' in text for s in ("models:/", "runs:/", "mlflow-artifacts:/")):
+        return None
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not os.path.isabs(uri[len("sqlite:///") :]):
+        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///") :])
+    return uri
+
+
+def _to_wire(images):
+    if isinstance(images, torch.Tensor) and images.is_floating_point():
+        t = images.detach()
+        if t.dtype == torch.bfloat16:  # numpy has no bfloat16
+            t = t.float()
+        return t.cpu().contiguous().numpy()
+    return images  # the server says what is wrong with it
+
+
+def _prompts(prompts):
+    return list(prompts) if prompts is not None and not isinstance(prompts, str) else prompts
+
+
+def _device(images) -> torch.device:
+    return images.device if isinstance(images, torch.Tensor) else torch.device("cpu")
