@@ -108,12 +108,19 @@ class Coordinator:
     """One fine-tuning run. ``resume_run_id`` continues an MLflow run from its last good
     checkpoint (its config comes from the run; ``cfg`` is then ignored)."""
 
-    def __init__(self, cfg: RunConfig | None, resume_run_id: str | None = None, progress=True):
+    def __init__(
+        self,
+        cfg: RunConfig | None,
+        resume_run_id: str | None = None,
+        progress: bool = True,
+        on_step=None,
+    ):
         if cfg is None and resume_run_id is None:
             raise ValueError("give a config or a run id to resume")
         self.cfg = cfg
         self.resume_run_id = resume_run_id
         self.progress = progress
+        self.on_step = on_step  # on_step(coordinator, step, metrics): a hook for tests and tools
         self.group: WorkerGroup | None = None
         self.clients: dict[str, RewardClient] = {}
         self.best: float | None = None
@@ -122,7 +129,8 @@ class Coordinator:
         self.bad_in_row = 0
         self.skipped_total = 0
         self.rebuilds = 0
-        self.last_logged = -1
+        self.last_logged = -1  # steps up to here are in MLflow already (resume, rebuild)
+        self.high_water = -1  # the highest step logged by this process
 
     # ------------------------------------------------------------------ set-up
 
@@ -200,6 +208,7 @@ class Coordinator:
         mlflow.log_metrics(
             {tracking.metric_key(k): float(v) for k, v in metrics.items()}, step=step
         )
+        self.high_water = max(self.high_water, step)
 
     def _progress(self, step: int, m: dict, t0: float, start: int) -> None:
         total = self.cfg.train.max_steps
@@ -287,6 +296,11 @@ class Coordinator:
                 aliases=aliases,
                 tags={"step": str(step)},
             )
+            from mlflow import MlflowClient
+
+            MlflowClient().set_model_version_tag(
+                self.cfg.mlflow.register_as, str(v), "step", str(step)
+            )
             self.versions.append(v)
             mlflow.set_tag("rlhf.last_policy_version", str(v))
             print(
@@ -338,6 +352,8 @@ class Coordinator:
                 self._log({f"train/{k}": v for k, v in m.items()}, step)
                 if self.progress:
                     self._progress(step, m, t0, start)
+                if self.on_step is not None:
+                    self.on_step(self, step, m)
                 if self.bad_in_row >= cfg.train.max_bad_steps:
                     self.checkpoint(step, None)
                     raise RunStopped(
@@ -401,6 +417,7 @@ class Coordinator:
             ) from err
         print(f"generator group failed ({err}); rebuilding from the last checkpoint", flush=True)
         self.group.kill()
+        self.last_logged = max(self.last_logged, self.high_water)
         return self._start_group()
 
     def shutdown(self) -> None:

@@ -100,7 +100,12 @@ class GeneratorWorker:
                 torch.manual_seed(cfg.seed)  # random-init tiny rewards: the server's weights too
                 module = build_reward(spec).eval().requires_grad_(False).to(device)
                 self.rewards[spec.key] = (spec.weight, "local", module)
-        return {"rank": self.rank, "device": device, "setup_s": time.perf_counter() - t0}
+        return {
+            "rank": self.rank,
+            "device": device,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "setup_s": time.perf_counter() - t0,
+        }
 
     # ------------------------------------------------------------------ scoring
 
@@ -217,6 +222,7 @@ class WorkerGroup:
         self.cfg = cfg
         self.clients = clients
         self.workers: list = []
+        self.infos: list[dict] = []
 
     def start(self) -> WorkerGroup:
         n = self.cfg.workers.num_workers
@@ -228,6 +234,7 @@ class WorkerGroup:
         ]
         addr, port = self._get([self.workers[0].address.remote()])[0]
         infos = self._get([w.setup.remote(addr, port, self.clients) for w in self.workers])
+        self.infos = infos
         log.info("generator group up: %d workers at %s:%d (%s)", n, addr, port, infos[0]["device"])
         return self
 

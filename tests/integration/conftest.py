@@ -1,6 +1,9 @@
 import os
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
@@ -10,7 +13,14 @@ def ray_local():
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(
+            num_cpus=4,
+            include_dashboard=False,
+            configure_logging=False,
+            log_to_driver=False,
+            # Test-only rewards (tests/integration/faulty_rewards.py) import in every worker.
+            runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+        )
     yield ray
     ray.shutdown()
 

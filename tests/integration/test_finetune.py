@@ -1,0 +1,147 @@
+"""The distributed DRaFT-K loop on a real local Ray: generator workers under DeepSpeed (gloo),
+reward servers, MLflow, checkpoints; with faults injected (dead server, dead worker,
+non-finite rewards)."""
+
+import pytest
+import ray
+import torch
+from mlflow import MlflowClient
+
+from actors.coordinator import Coordinator, RunStopped, checkpoint_folders, verify_checkpoint
+from actors.generator_worker import GeneratorWorker
+from actors.reward_server import RewardClient
+from actors.run_config import RunConfig
+from rewards.registry import RewardSpec, build_reward
+from rlhf.config import load_config
+from tests.integration.conftest import ROOT
+
+pytestmark = pytest.mark.integration
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+SMALL = [  # the quickstart config, smaller images and fewer prompts
+    "policy.sampler.height=32",
+    "policy.sampler.width=32",
+    "prompts.synthetic_eval=4",
+    "mlflow.experiment=test",
+]
+
+
+def small_cfg(tmp_path, *overrides) -> RunConfig:
+    return load_config(
+        RunConfig, QUICKSTART, [*SMALL, f"output_dir={tmp_path / 'runs'}", *overrides]
+    )
+
+
+def steps_of(run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in MlflowClient().get_metric_history(run_id, key))
+
+
+def test_quickstart_config_end_to_end_with_a_dead_server_and_a_dead_worker(
+    ray_local, mlflow_store, tmp_path
+):
+    cfg = small_cfg(
+        tmp_path,
+        "train.max_steps=5",
+        "train.eval_every=2",
+        "train.checkpoint_every=2",
+        "mlflow.register_as=test-policy",
+    )
+    killed = {}
+
+    def inject(co, step, m):
+        if step == 1 and "server" not in killed:  # Ray restarts it; callers resend
+            killed["server"] = co.clients["ict"].info()["pid"]
+            ray.kill(co.clients["ict"].handle, no_restart=False)
+        if step == 3 and "worker" not in killed:  # the group is rebuilt from step 2
+            killed["worker"] = True
+            ray.kill(co.group.workers[1], no_restart=True)
+
+    s = Coordinator(cfg, progress=False, on_step=inject).run()
+    assert s["steps"] == 5 and s["rebuilds"] == 1 and s["skipped_steps"] == 0
+    run = s["run_id"]
+    # Every step logged exactly once despite the rebuild (steps 3 was computed twice).
+    assert steps_of(run, "train/loss") == [1, 2, 3, 4, 5]
+    # Every configured reward is evaluated, the optimised ones and the eval-only one.
+    for key in ("eval/reward", "eval/reward/ict", "eval/reward/hp", "eval/reward/clip"):
+        assert steps_of(run, key) == [0, 2, 4, 5], key
+    for key in ("eval/brightness", "eval/saturation", "eval/edge_density", "eval/jpeg_ratio"):
+        assert steps_of(run, key) == [0, 2, 4, 5], key
+    for key in ("train/reward/ict", "train/reward/hp", "train/grad_norm", "train/images_per_s"):
+        assert steps_of(run, key) == [1, 2, 3, 4, 5], key
+    assert s["reward_before"].keys() == s["reward_after"].keys()
+    # Policy versions: steps 2, 4, 5 (the rebuilt step 4 is new, so registered once).
+    client = MlflowClient()
+    versions = client.search_model_versions("name='test-policy'")
+    assert sorted(int(v.version) for v in versions) == s["versions"] == [1, 2, 3]
+    assert int(client.get_model_version_by_alias("test-policy", "last").version) == 3
+    best = client.get_model_version_by_alias("test-policy", "best")
+    assert int(best.tags["step"]) == s["best_step"]
+    arts = {a.path for a in client.list_artifacts(run, "eval")}
+    assert any(p.endswith("samples_step_000000.png") for p in arts)
+    # The last checkpoint verifies and holds the diffusers-format LoRA.
+    newest = checkpoint_folders(tmp_path / "runs" / s["run_dir"].split("/")[-1])[0]
+    assert verify_checkpoint(newest) == 5
+    assert (newest / "export" / "pytorch_lora_weights.safetensors").is_file()
+    assert len(list((tmp_path / "runs").glob("*/samples/*.png"))) == 4
+    assert killed.keys() == {"server", "worker"}
+
+
+def test_server_and_colocated_rewards_give_the_same_gradient(ray_local, tmp_path):
+    cfg = small_cfg(tmp_path)
+    worker = GeneratorWorker(cfg.to_dict(), 0, 1)  # its scoring path, without a generator
+    spec = RewardSpec.from_dict({"name": "ict", "options": {"backbone": "tiny"}})
+    torch.manual_seed(cfg.seed)
+    local = build_reward(spec).eval().requires_grad_(False)
+    server = RewardClient(spec, cfg.reward_server, seed=cfg.seed).start()
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    prompts = ["a red circle", "two blue squares", "a green triangle"]
+    try:
+        worker.rewards = {"ict": (0.7, "local", local)}
+        a = worker._score(images, prompts)
+        worker.rewards = {"ict": (0.7, "server", server)}
+        b = worker._score(images, prompts)
+    finally:
+        server.shutdown()
+    torch.testing.assert_close(a.total, b.total)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+    assert a.grad.abs().sum() > 0
+    # Swapping the reward swaps what is optimised: another gradient, other components.
+    torch.manual_seed(cfg.seed)
+    hp = build_reward({"name": "hp", "options": {"backbone": "tiny"}}).eval()
+    worker.rewards = {"hp": (0.7, "local", hp.requires_grad_(False))}
+    c = worker._score(images, prompts)
+    assert set(c.components) == {"hp"}
+    assert not torch.allclose(c.grad, a.grad)
+
+
+def test_non_finite_rewards_are_skipped_then_stop_the_run(ray_local, mlflow_store, tmp_path):
+    # A swapped-in reward by import path (only it is optimised and logged) that returns NaN on
+    # its 2nd and 3rd training calls, then from the 5th on: steps 2-3 are skipped and the run
+    # goes on; steps 5, 6, 7 make three in a row and stop it, with a checkpoint.
+    reward = (
+        "rewards=[{name: 'tests.integration.faulty_rewards:brightness', "
+        "options: {nan_calls: [2, 3], nan_after: 4}}]"
+    )
+    cfg = small_cfg(
+        tmp_path,
+        reward,
+        "eval_rewards=[]",
+        "workers.num_workers=1",
+        "train.max_steps=20",
+        "train.eval_every=100",
+        "train.checkpoint_every=100",
+        "train.max_bad_steps=3",
+        "mlflow.register_as=null",
+    )
+    co = Coordinator(cfg, progress=False)
+    with pytest.raises(RunStopped, match=r"step 7: 3 steps in a row .*max_bad_steps=3"):
+        co.run()
+    run = co.run_id
+    hist = MlflowClient().get_metric_history(run, "train/skipped")
+    assert {m.step: m.value for m in hist} == {1: 0, 2: 1, 3: 1, 4: 0, 5: 1, 6: 1, 7: 1}
+    assert MlflowClient().get_run(run).info.status == "FAILED"
+    assert steps_of(run, "train/reward/brightness") == [1, 4]  # skipped steps log no reward
+    keys = MlflowClient().get_run(run).data.metrics.keys()
+    assert not any(
+        k.startswith("train/reward/ict") or k.startswith("train/reward/hp") for k in keys
+    )
+    assert verify_checkpoint(checkpoint_folders(co.run_dir)[0]) == 7
