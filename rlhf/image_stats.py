@@ -24,8 +24,9 @@ def image_stats(images: torch.Tensor) -> dict[str, float]:
     mx, mn = x.max(dim=1).values, x.min(dim=1).values
     sat = torch.where(mx > 0, (mx - mn) / mx.clamp_min(1e-8), torch.zeros_like(mx))
     kx = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]]).view(1, 1, 3, 3)
-    gx = torch.nn.functional.conv2d(luma[:, None], kx, padding=1)
-    gy = torch.nn.functional.conv2d(luma[:, None], kx.transpose(-1, -2), padding=1)
+    padded = torch.nn.functional.pad(luma[:, None], (1, 1, 1, 1), mode="replicate")
+    gx = torch.nn.functional.conv2d(padded, kx)
+    gy = torch.nn.functional.conv2d(padded, kx.transpose(-1, -2))
     edges = ((gx**2 + gy**2).sqrt() > 0.1).float()
     return {
         "brightness": float(luma.mean()),

@@ -1,0 +1,125 @@
+"""The fine-tuning run config: every shipped config loads; bad input names its key and
+exits non-zero before Ray starts."""
+
+from pathlib import Path
+
+import pytest
+
+from actors.run_config import RunConfig
+from rlhf.cli import main
+from rlhf.config import ConfigError, load_config
+from rlhf.prompts import read_prompts, shard, step_batch
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+QUICKSTART = CONFIGS / "quickstart.yaml"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    from rewards.training import RewardTrainConfig
+
+    cls = RewardTrainConfig if path.name.startswith("reward_") else RunConfig
+    cfg = load_config(cls, path)
+    assert cfg is not None
+
+
+def test_paper_config_is_the_paper_setting():
+    cfg = load_config(RunConfig, CONFIGS / "sd35_large_turbo_ict_hp.yaml")
+    p = cfg.policy
+    assert p.generator.model == "stabilityai/stable-diffusion-3.5-large-turbo"
+    assert (p.sampler.steps, p.sampler.guidance_scale, p.draft.k) == (4, 0.0, 1)
+    assert p.finetune.mode == "lora"
+    assert {s.name for s in cfg.reward_specs()} == {"ict", "hp"}
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("policy.draft.k=5", "policy.draft.k"),  # K > steps
+        ("rewards=[{name: nope}]", "rewards[0].name"),
+        ("rewards=[{name: hp, weight: -1}]", "rewards[0].weight"),
+        ("rewards=[{name: hp, placement: moon}]", "rewards[0].placement"),
+        ("rewards=[]", "rewards"),
+        ("workers.num_workers=0", "workers.num_workers"),
+        ("train.max_steps=0", "train.max_steps"),
+        ("prompts.train=/missing.txt", "prompts.train"),
+        ("policy.generator.attention=flash9", "policy.generator.attention"),
+        ("policy.sampler.height=30", "policy.sampler.height"),
+        ("reward_server.max_batch_size=0", "reward_server.max_batch_size"),
+        ("workers.resources.num_gpus=-1", "workers.resources.num_gpus"),
+        ("train.bogus=1", "train.bogus"),
+    ],
+)
+def test_bad_config_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        load_config(RunConfig, QUICKSTART, [override])
+
+
+def test_negative_weights_only_when_allowed():
+    cfg = load_config(
+        RunConfig, QUICKSTART, ["rewards=[{name: hp, weight: -1}]", "allow_negative_weights=true"]
+    )
+    assert cfg.reward_specs()[0].weight == -1
+
+
+def test_cli_finetune_bad_input_exits_2_before_ray(tmp_path, capsys, monkeypatch):
+    import ray
+
+    def no_ray(*a, **k):
+        raise AssertionError("ray.init called for a bad config")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("policy: {draft: {k: 2}\n")
+    for argv, needle in (
+        (["finetune", str(bad)], "malformed YAML"),
+        (["finetune", str(QUICKSTART), "policy.draft.k=9"], "policy.draft.k=9"),
+        (["finetune", str(QUICKSTART), "rewards=[{name: unknown_reward}]"], "rewards[0].name"),
+        (["finetune", str(tmp_path / "missing.yaml")], "config file not found"),
+        (["finetune"], "give a CONFIG"),
+        (["finetune", str(QUICKSTART), "--resume", "abc"], "--resume"),
+    ):
+        assert main(argv) == 2, argv
+        assert needle in capsys.readouterr().err, argv
+
+
+def test_prompt_schedule_is_deterministic_and_covers_every_prompt():
+    prompts = [f"p{i}" for i in range(10)]
+    first = [step_batch(prompts, s, 5, seed=3) for s in (1, 2)]
+    assert sorted(first[0][0] + first[1][0]) == sorted(prompts)  # one pass = every prompt once
+    assert step_batch(prompts, 2, 5, seed=3) == first[1]  # a resumed run gets the same batch
+    assert step_batch(prompts, 3, 5, seed=3)[0] != first[0][0]  # reshuffled next pass
+    assert len(set(first[0][1] + first[1][1])) == 10  # distinct sampling seeds
+    assert shard(list(range(6)), 1, 3) == [2, 3]
+    with pytest.raises(ValueError, match="do not split"):
+        shard([1, 2, 3], 0, 2)
+
+
+def test_read_prompts_from_files(tmp_path):
+    (tmp_path / "p.txt").write_text("a cat\n\n  a dog  \n")
+    assert read_prompts(str(tmp_path / "p.txt")) == ["a cat", "a dog"]
+    (tmp_path / "p.jsonl").write_text('{"prompt": "x"}\n{"text": "y"}\n')
+    with pytest.raises(ValueError, match="p.jsonl:2"):
+        read_prompts(str(tmp_path / "p.jsonl"))
+    (tmp_path / "e.txt").write_text("\n")
+    with pytest.raises(ValueError, match="no prompts"):
+        read_prompts(str(tmp_path / "e.txt"))
+    assert len(read_prompts("synthetic", n_synthetic=7, seed=1)) == 7
+
+
+def test_image_stats_expose_hacking_directions():
+    import torch
+
+    from rlhf.image_stats import grid, image_stats, to_uint8
+
+    flat = torch.full((2, 3, 32, 32), 0.5)
+    noisy = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    red = torch.zeros(2, 3, 32, 32)
+    red[:, 0] = 1
+    f, n, r = image_stats(flat), image_stats(noisy), image_stats(red)
+    assert f["brightness"] == pytest.approx(0.5, abs=1e-6) and f["saturation"] == 0
+    assert r["saturation"] == pytest.approx(1.0)
+    assert f["edge_density"] == 0 and n["edge_density"] > 0.5
+    assert n["jpeg_ratio"] > 3 * f["jpeg_ratio"]
+    g = grid(to_uint8(noisy[:1].repeat(3, 1, 1, 1)))
+    assert g.shape == (2 * 34, 2 * 34, 3)
