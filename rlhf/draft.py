@@ -284,7 +284,7 @@ def draft_step(
     loss = surrogate_loss(ro, grad, draft.anchor_weight)
     engine.backward(loss)
     engine.step()
-    anchor = float(ro.anchor) if ro.anchor is not None else 0.0
+    anchor = float(ro.anchor.detach()) if ro.anchor is not None else 0.0
     metrics = {
         "loss": -float(scores.total.mean()) + draft.anchor_weight * anchor,
         "reward": float(scores.total.mean()),

@@ -199,7 +199,7 @@ def load_pipeline(cfg: GeneratorConfig, device: str | torch.device | None = None
     if cfg.model == TINY:
         pipe = build_tiny_pipeline(cfg.seed)
     else:
-        kwargs = {"torch_dtype": dtype, "revision": cfg.revision, "variant": cfg.variant}
+        kwargs = {_dtype_kwarg(): dtype, "revision": cfg.revision, "variant": cfg.variant}
         if not cfg.load_t5:
             kwargs.update(text_encoder_3=None, tokenizer_3=None)
         local = os.path.isdir(cfg.model)
@@ -220,6 +220,15 @@ def load_pipeline(cfg: GeneratorConfig, device: str | torch.device | None = None
             m.requires_grad_(False).eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _dtype_kwarg() -> str:
+    """diffusers renamed ``torch_dtype`` to ``dtype`` (the old name warns)."""
+    from diffusers.utils import deprecation_utils
+
+    return (
+        "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
+    )
 
 
 def _looks_like_hub_id(s: str) -> bool:

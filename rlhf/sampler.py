@@ -160,7 +160,8 @@ def rollout(
     last ``K`` with gradient (if grad mode is on). The latent entering step ``N-K`` is a
     detached leaf, so the earlier steps contribute nothing to any gradient.
 
-    ``base_velocity(x, t)``: the reference model's velocity for the anchor penalty.
+    ``base_velocity``: the reference model for the anchor penalty, called like ``model``
+    (same keyword arguments, same conditioning and guidance), always without gradient.
     """
     n = len(timesteps)
     if not 0 <= k <= n - start:
@@ -179,7 +180,7 @@ def rollout(
             v = velocity(model, x, t, cond, guidance_scale)
             if base_velocity is not None and torch.is_grad_enabled():
                 with torch.no_grad():
-                    v_ref = base_velocity(x.detach(), t)
+                    v_ref = velocity(base_velocity, x.detach(), t, cond, guidance_scale)
                 anchor_terms.append((v.float() - v_ref.float()).pow(2).mean())
         x = euler_step(x, v, sigmas[i], sigmas[i + 1])
     anchor = torch.stack(anchor_terms).mean() if anchor_terms else None

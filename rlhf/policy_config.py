@@ -1,0 +1,62 @@
+"""The policy side of a DRaFT-K run as one validated config: generator, finetune, sampler,
+draft, engine. A top-level run config nests it (or its five sections); ``validate()`` checks
+each section and the rules across them, naming the key path (``draft.k=5 must be <=
+sampler.steps=4``).
+
+Two presets: :meth:`PolicyConfig.paper` (the GPU setting of the paper: SD3.5-Large-Turbo,
+4 steps, guidance 0, DRaFT-1, LoRA, ZeRO-2, xformers where available) and
+:meth:`PolicyConfig.tiny` (the tiny SD3 on a CPU: 64 px, 4 steps, K=2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rlhf.draft import DraftConfig
+from rlhf.engine import EngineConfig
+from rlhf.generator import TINY, FinetuneConfig, GeneratorConfig
+from rlhf.sampler import SamplerConfig
+
+
+@dataclass
+class PolicyConfig:
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    draft: DraftConfig = field(default_factory=DraftConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        """Raise ``ValueError`` naming the key path; ``prefix`` is where this config sits in a
+        bigger one (``"policy."``)."""
+        self.generator.validate(f"{prefix}generator")
+        self.finetune.validate(f"{prefix}finetune")
+        self.sampler.validate(f"{prefix}sampler")
+        self.engine.validate(f"{prefix}engine")
+        self.draft.validate(
+            self.sampler,
+            self.finetune,
+            path=f"{prefix}draft",
+            sampler_path=f"{prefix}sampler",
+            finetune_path=f"{prefix}finetune",
+        )
+        if self.generator.model == TINY and self.generator.load_t5:
+            raise ValueError(
+                f"{prefix}generator.load_t5=true: the tiny model has no T5 encoder; set it false"
+            )
+
+    @classmethod
+    def paper(cls) -> PolicyConfig:
+        """SD3.5-Large-Turbo, 4 steps, guidance 0, DRaFT-1, LoRA on a GPU cluster."""
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> PolicyConfig:
+        """The tiny SD3 from the shipped configs, sized for a CPU and tests."""
+        return cls(
+            generator=GeneratorConfig(model=TINY, load_t5=False),
+            finetune=FinetuneConfig(rank=4, alpha=4.0),
+            sampler=SamplerConfig(steps=4, height=64, width=64, max_sequence_length=16),
+            draft=DraftConfig(k=2),
+            engine=EngineConfig(lr=3e-3),
+        )
