@@ -1,0 +1,139 @@
+"""The cluster paths: a real ``ray start --head`` on loopback with ``ray job submit`` (token
+authentication on), and a 2-node cluster simulated with ``ray.cluster_utils.Cluster``."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import ROOT
+
+pytestmark = pytest.mark.integration
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+BIN = Path(sys.executable).parent
+TINY_RUN = [
+    "policy.sampler.height=32",
+    "policy.sampler.width=32",
+    "prompts.synthetic_eval=2",
+    "eval_rewards=[]",
+    "train.max_steps=2",
+    "train.eval_every=100",
+    "train.checkpoint_every=100",
+    "mlflow.experiment=cluster",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_to_a_real_head_with_token_auth(tmp_path):
+    gcs, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [
+            str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+            f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+            "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert head.poll() is None, head.stdout.read()
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:  # up, and asking for the token (401)
+                break
+            except OSError:
+                assert time.time() < deadline, "the head's dashboard did not come up"
+                time.sleep(1)
+        job_dir = tmp_path / "job"
+        job_dir.mkdir()
+        (job_dir / "run.yaml").write_text(QUICKSTART.read_text())
+        runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}}
+        for _attempt in range(30):  # the job agent comes up a little after the dashboard
+            submit = subprocess.run(
+                [
+                    str(BIN / "ray"), "job", "submit", "--address", address,
+                    "--working-dir", str(job_dir), "--runtime-env-json", json.dumps(runtime_env),
+                    "--", sys.executable, "-m", "rlhf.cli", "finetune", "run.yaml",
+                    *TINY_RUN, "workers.num_workers=1", f"output_dir={tmp_path}/runs",
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=400,
+            )  # fmt: skip
+            if "No available agent" not in submit.stdout + submit.stderr:
+                break
+            time.sleep(2)
+        out = submit.stdout + submit.stderr
+        assert submit.returncode == 0, out
+        assert "succeeded" in out
+        assert "2 steps (max_steps)" in out
+        assert list((tmp_path / "runs").glob("*/checkpoints/step_000002/manifest.json"))
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+def test_two_node_cluster_places_one_worker_per_node(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import json
+        import ray
+        from ray.cluster_utils import Cluster
+        from actors.coordinator import Coordinator
+        from actors.run_config import RunConfig
+        from rlhf.config import load_config
+
+        cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
+        cluster.add_node(num_cpus=1)
+        ray.init(address=cluster.address, log_to_driver=False)
+        cfg = load_config(RunConfig, {str(QUICKSTART)!r}, {TINY_RUN!r} + [
+            "output_dir={tmp_path}/runs", "workers.num_workers=2",
+            "workers.resources.num_cpus=1", "mlflow.register_as=null",
+        ])
+        nodes = set()
+        co = Coordinator(cfg, progress=False,
+                         on_step=lambda c, s, m: nodes.update(i["node_id"] for i in c.group.infos))
+        summary = co.run()
+        print("RESULT", json.dumps({{"steps": summary["steps"], "nodes": len(nodes),
+                                     "cluster_nodes": len(ray.nodes())}}))
+        ray.shutdown()
+        cluster.shutdown()
+        """
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=400
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
+    result = json.loads(line.split(" ", 1)[1])
+    assert result == {"steps": 2, "nodes": 2, "cluster_nodes": 2}
