@@ -161,6 +161,29 @@ class Coordinator:
             mlflow.log_params(params)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.run_id = self.run.info.run_id
+        self._localise_checkpoints()
+
+    def _localise_checkpoints(self) -> None:
+        """With a local MLflow store (SQLite or files), fetch ``models:/``/``runs:/`` reward
+        checkpoints here and hand actors the local folder: actor processes do not share this
+        process's tracking URI. With a tracking server, actors resolve the URI themselves (set
+        ``MLFLOW_TRACKING_URI`` in the job's runtime env, see README)."""
+        import mlflow
+
+        uri = mlflow.get_tracking_uri()
+        if not (uri.startswith(("sqlite:", "file:")) or "://" not in uri):
+            return
+        for field in ("rewards", "eval_rewards"):
+            specs = []
+            for i, d in enumerate(getattr(self.cfg, field)):
+                ck = d.get("checkpoint") if isinstance(d, dict) else None
+                if ck and str(ck).startswith(("models:/", "runs:/")):
+                    dst = self.run_dir / "reward_checkpoints" / f"{field}_{i}"
+                    dst.mkdir(parents=True, exist_ok=True)
+                    local = mlflow.artifacts.download_artifacts(str(ck), dst_path=str(dst))
+                    d = {**d, "checkpoint": local}
+                specs.append(d)
+            setattr(self.cfg, field, specs)
 
     def _start_servers(self) -> None:
         for spec in self.cfg.reward_specs() + self.cfg.eval_reward_specs():

@@ -1,7 +1,12 @@
 """``rlhf quickstart``: the whole pipeline on tiny models, on a CPU, with no downloads.
 
 Synthetic triplets -> tiny ICT and HP trained as Ray Train jobs (2 workers, gloo) ->
-registered in the embedded MLflow -> preference-accuracy table against the untrained models.
+registered in the embedded MLflow -> preference-accuracy table against the untrained models
+-> DRaFT-K fine-tuning of the tiny SD3 against the trained ICT (in a reward server) and HP
+(in the workers) with 2 generator workers under DeepSpeed (``configs/quickstart.yaml``) ->
+the policy registered in MLflow -> a summary.
+
+Like the CLI, it sits on top of the layers (``rewards`` <- ``rlhf`` <- ``actors``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from rewards.training import (
 
 log = logging.getLogger(__name__)
 TINY = {"backbone": "tiny"}
+FINETUNE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
 def reward_configs(out: Path, fast: bool) -> dict[str, RewardTrainConfig]:
@@ -83,7 +89,7 @@ def run_quickstart(out: Path, fast: bool = False) -> dict:
     timings: dict[str, float] = {}
     cfgs = reward_configs(out, fast)
 
-    _banner("1/3 synthetic triplets")
+    _banner("1/5 synthetic triplets")
     t = time.perf_counter()
     eval_ds = make_dataset(cfgs["ict"].data, "eval")
     train_ds = make_dataset(cfgs["ict"].data, "train")
@@ -92,14 +98,14 @@ def run_quickstart(out: Path, fast: bool = False) -> dict:
 
     trained = {}
     for i, kind in enumerate(("ict", "hp"), start=2):
-        _banner(f"{i}/3 train tiny {kind.upper()} (Ray Train, 2 workers)")
+        _banner(f"{i}/5 train tiny {kind.upper()} (Ray Train, 2 workers)")
         t = time.perf_counter()
         trained[kind] = run_job(cfgs[kind])
         timings[f"train_{kind}"] = time.perf_counter() - t
         s = trained[kind]
         print(f"registered {s['model_uri']} (run {s['run_id']}, best step {s['best_step']})")
 
-    _banner("preference accuracy on held-out synthetic triplets")
+    _banner("4/5 preference accuracy on held-out synthetic triplets")
     t = time.perf_counter()
     loader = make_eval_loader(eval_ds, 64)
     ict_uri, hp_uri = trained["ict"]["model_uri"], trained["hp"]["model_uri"]
@@ -120,10 +126,47 @@ def run_quickstart(out: Path, fast: bool = False) -> dict:
     timings["evaluate"] = time.perf_counter() - t
     table = format_table(results)
     print(table)
-    summary = {"rewards": trained, "accuracy": results, "timings_s": timings}
+
+    _banner("5/5 DRaFT-K: tiny SD3, 2 generator workers (DeepSpeed ZeRO-2), trained ICT + HP")
+    t = time.perf_counter()
+    finetune = run_finetune(out, ict_uri, hp_uri, fast)
+    timings["finetune"] = time.perf_counter() - t
+
+    summary = {
+        "rewards": trained,
+        "accuracy": results,
+        "finetune": finetune,
+        "timings_s": timings,
+    }
     write_json(summary, out / "summary.json")
     _banner("summary")
-    print(json.dumps({k: round(v, 1) for k, v in timings.items()}))
-    print(f"MLflow: `mlflow ui --backend-store-uri sqlite:///{Path.cwd() / 'mlflow.db'}`")
+    from actors.coordinator import summary_lines
+
+    print(table)
+    print("\n".join(summary_lines(finetune)))
+    print("phase seconds: " + json.dumps({k: round(v, 1) for k, v in timings.items()}))
+    print(
+        f"MLflow runs: ICT {trained['ict']['run_id']}, HP {trained['hp']['run_id']}, "
+        f"policy {finetune['run_id']}"
+    )
+    print(f"browse: `mlflow ui --backend-store-uri sqlite:///{Path.cwd() / 'mlflow.db'}`")
     print(f"results: {out / 'summary.json'}")
     return summary
+
+
+def run_finetune(out: Path, ict_uri: str, hp_uri: str, fast: bool) -> dict:
+    """``configs/quickstart.yaml`` with the freshly trained rewards swapped in."""
+    from actors.coordinator import Coordinator
+    from actors.run_config import RunConfig
+    from rlhf.config import load_config
+
+    overrides = [
+        f"output_dir={out / 'runs'}",
+        "rewards=["
+        f"{{name: ict, checkpoint: '{ict_uri}', placement: server}}, "
+        f"{{name: hp, checkpoint: '{hp_uri}', placement: colocated}}]",
+    ]
+    if fast:
+        overrides += ["train.max_steps=6", "train.eval_every=3", "train.checkpoint_every=3"]
+    cfg = load_config(RunConfig, FINETUNE_CONFIG, overrides)
+    return Coordinator(cfg).run()
