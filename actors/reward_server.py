@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 import torch
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from actors.options import ActorResources, actor_options
-from rewards.base import check_images
+from rewards.base import _RANGE_TOL, check_images
 from rewards.registry import RewardSpec, build_reward
 
 log = logging.getLogger(__name__)
@@ -52,17 +52,25 @@ class ServerConfig:
 
     max_batch_size: images per forward; a larger request runs in chunks of this size.
     batch_wait_ms: how long the oldest queued request waits for others to join its batch.
-        0 batches only what queued up while the previous forward ran (no added latency).
-    retries: resends of a call that failed because the server died; backoff_s doubles
-        between them (capped at 8 s). timeout_s: per call, None waits as long as it takes.
+        0 (default) batches only what queued up while the previous forward ran: no added
+        latency for a lone caller, and concurrent callers still share forwards.
+    retries: how many deaths of the server one call survives (it is resent each time);
+        restart_timeout_s: how long a call waits for a restarting server; backoff_s: the
+        first pause before a resend, doubling up to 4 s. timeout_s: per call, None waits as
+        long as it takes.
+    forward_threads: batches computed at the same time. 0 picks: 1 on a GPU, else the
+        server's whole CPUs (a tiny model's forward keeps few cores busy on its own; two
+        batches side by side do). Each forward keeps the process's torch threads.
     """
 
     resources: ActorResources = field(default_factory=ActorResources)
     max_batch_size: int = 64
-    batch_wait_ms: float = 2.0
+    batch_wait_ms: float = 0.0
     retries: int = 5
     backoff_s: float = 0.5
     timeout_s: float | None = None
+    forward_threads: int = 0
+    restart_timeout_s: float = 300.0
 
     def validate(self, path: str = "reward_server") -> None:
         self.resources.validate(f"{path}.resources")
@@ -76,6 +84,13 @@ class ServerConfig:
             raise ValueError(f"{path}.backoff_s={self.backoff_s} must be >= 0")
         if self.timeout_s is not None and self.timeout_s <= 0:
             raise ValueError(f"{path}.timeout_s={self.timeout_s} must be > 0 or null")
+        if not self.restart_timeout_s > 0:
+            raise ValueError(f"{path}.restart_timeout_s={self.restart_timeout_s} must be > 0")
+        if not isinstance(self.forward_threads, int) or self.forward_threads < 0:
+            raise ValueError(
+                f"{path}.forward_threads={self.forward_threads!r} must be an integer >= 0 "
+                "(0: automatic)"
+            )
 
 
 @dataclass
@@ -105,15 +120,17 @@ class RewardServer:
         seed: seeds torch before the model is built (random-init tiny rewards).
         tracking_uri: the MLflow store that ``models:/`` and ``runs:/`` checkpoints come
             from (the actor process does not see a URI the caller set after Ray started).
+        forward_threads: see :class:`ServerConfig`.
     """
 
     def __init__(
         self,
         spec: dict | RewardSpec | str,
         max_batch_size: int = 64,
-        batch_wait_ms: float = 2.0,
+        batch_wait_ms: float = 0.0,
         seed: int | None = None,
         tracking_uri: str | None = None,
+        forward_threads: int = 0,
     ):
         self.spec = spec if isinstance(spec, RewardSpec) else RewardSpec.from_dict(spec)
         if tracking_uri:
@@ -130,8 +147,11 @@ class RewardServer:
         self._pending: deque[_Request] = deque()
         self._wakeup: asyncio.Event | None = None
         self._runner: asyncio.Task | None = None
-        # One thread runs every forward: the event loop stays free to queue new requests.
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="reward-forward")
+        self.forward_threads = int(forward_threads) or _auto_threads(self.device)
+        # Forwards run in these threads: the event loop stays free to queue new requests.
+        self._executor = ThreadPoolExecutor(self.forward_threads, thread_name_prefix="forward")
+        self._slots: asyncio.Semaphore | None = None
+        self._tasks: set[asyncio.Task] = set()
         self.restarts = _count_start()
         self.stats = {"batches": 0, "requests": 0, "images": 0, "errors": 0, "compute_s": 0.0}
         log.info("reward server %s on %s (pid %d)", self.spec.key, self.device, os.getpid())
@@ -169,6 +189,8 @@ class RewardServer:
             "restarts": self.restarts,
             "max_batch_size": self.max_batch_size,
             "batch_wait_ms": self.batch_wait_s * 1000,
+            "forward_threads": self.forward_threads,
+            "torch_threads": torch.get_num_threads(),
             "queued": len(self._pending),
             **self.stats,
         }
@@ -187,9 +209,16 @@ class RewardServer:
                     # Ray hands arrays over read-only; the server never writes to them.
                     warnings.simplefilter("ignore", UserWarning)
                     images = torch.from_numpy(images)
-            check_images(images)
-            if images.is_floating_point() and not bool(torch.isfinite(images).all()):
-                raise ValueError("images contain NaN or infinite values")
+            # Shape and dtype on an empty slice; the values in one pass (NaN shows in min/max).
+            check_images(images[:0] if images.dim() == 4 else images)
+            if images.numel():
+                lo, hi = (float(v) for v in torch.aminmax(images.detach()))
+                if not (math.isfinite(lo) and math.isfinite(hi)):
+                    raise ValueError("images contain NaN or infinite values")
+                if lo < -_RANGE_TOL or hi > 1 + _RANGE_TOL:
+                    raise ValueError(
+                        f"images must have values in [0, 1], got range [{lo:.3f}, {hi:.3f}]"
+                    )
             if prompts is None and not getattr(self.model, "uses_prompts", True):
                 prompts = [""] * len(images)
             if prompts is None:
@@ -198,7 +227,12 @@ class RewardServer:
                 raise ValueError(
                     f"prompts must be a sequence of strings, got {type(prompts).__name__}"
                 )
-            check_images(images, prompts)
+            if isinstance(prompts, str):
+                raise ValueError("prompts must be a sequence of strings, not a single string")
+            if len(prompts) != len(images):
+                raise ValueError(
+                    f"got {len(images)} images but {len(prompts)} prompts; they must match"
+                )
             prompts = list(prompts)
             if not all(isinstance(p, str) for p in prompts):
                 raise ValueError("prompts must all be strings")
@@ -230,19 +264,29 @@ class RewardServer:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        self._slots = asyncio.Semaphore(self.forward_threads)
         while True:
             if not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            # A free forward thread first: what queues meanwhile joins the next batch.
+            await self._slots.acquire()
             batch = await self._gather()
-            try:
-                await self._serve(loop, batch)
-            except Exception as e:  # a bug here must not leave callers waiting forever
-                log.exception("reward %s: serving a batch failed", self.spec.key)
-                for r in batch:
-                    if not r.future.done():
-                        r.future.set_exception(e)
+            task = loop.create_task(self._serve_batch(loop, batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve_batch(self, loop, batch: list[_Request]) -> None:
+        try:
+            await self._serve(loop, batch)
+        except Exception as e:  # a bug here must not leave callers waiting forever
+            log.exception("reward %s: serving a batch failed", self.spec.key)
+            for r in batch:
+                if not r.future.done():
+                    r.future.set_exception(e)
+        finally:
+            self._slots.release()
 
     async def _gather(self) -> list[_Request]:
         """The oldest request and the queued ones that can share its forward, after waiting
@@ -330,6 +374,17 @@ class RewardServer:
         return s.detach().float().cpu(), g.cpu()
 
 
+def _auto_threads(device: torch.device) -> int:
+    if device.type != "cpu":
+        return 1
+    cpus = 1.0
+    try:
+        cpus = float(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
+    except Exception:  # not inside an actor
+        pass
+    return max(1, int(cpus))
+
+
 def _count_start() -> int:
     """How many times this actor started before (0 for a fresh one).
 
@@ -374,9 +429,10 @@ class RewardClient:
     other processes find it by name. Create it from the driver or the coordinator, so that
     the server's lifetime follows that process and not a worker's.
 
-    Calls that fail because the server died are resent (``config.retries`` times, with
-    backoff) once Ray has restarted it; a server gone for good is created again. A bad
-    request raises the server's ``ValueError`` at once.
+    Calls that fail because the server died are resent once Ray has restarted it (up to
+    ``config.retries`` deaths per call, waiting up to ``config.restart_timeout_s`` for a
+    restart); a server gone for good is created again. A bad request raises the server's
+    ``ValueError`` at once.
     """
 
     def __init__(
@@ -414,6 +470,7 @@ class RewardClient:
             cfg.batch_wait_ms,
             self.seed,
             tracking_uri=_tracking_uri(self.spec),
+            forward_threads=cfg.forward_threads,
         )
 
     def start(self) -> RewardClient:
@@ -454,28 +511,39 @@ class RewardClient:
             return False
 
     def _call(self, method: str, *args):
-        delay = self.config.backoff_s
-        for attempt in range(self.config.retries + 1):
+        cfg = self.config
+        delay, deaths, deadline = cfg.backoff_s, 0, None
+        while True:
             try:
                 ref = getattr(self.handle, method).remote(*args)
-                return ray.get(ref, timeout=self.config.timeout_s)
+                return ray.get(ref, timeout=cfg.timeout_s)
             except RayTaskError as e:
                 if isinstance(e.cause, ValueError):
                     raise e.cause from None
                 raise
             except RayActorError as e:
-                if e.actor_init_failed or attempt == self.config.retries:
+                if e.actor_init_failed:
                     raise
+                if isinstance(e, ActorUnavailableError):
+                    # Restarting: loading a model in a fresh process can take a while on a
+                    # busy machine; wait for it up to restart_timeout_s.
+                    deadline = deadline or time.monotonic() + cfg.restart_timeout_s
+                    if time.monotonic() > deadline:
+                        raise
+                else:
+                    deaths += 1
+                    if deaths > cfg.retries:
+                        raise
                 log.warning(
-                    "reward server %s unavailable (%s); retry %d/%d in %.1fs",
+                    "reward server %s unavailable (%s); died %d/%d times, retry in %.1fs",
                     self.name,
                     type(e).__name__,
-                    attempt + 1,
-                    self.config.retries,
+                    deaths,
+                    cfg.retries,
                     delay,
                 )
                 time.sleep(delay)
-                delay = min(2 * delay, 8.0)
+                delay = min(2 * delay, 4.0)
                 # Looked up again: the same actor while Ray restarts it, a new one if it is gone
                 # for good. The old handle is replaced only after the lookup: dropping the
                 # creator's last handle first would make Ray destroy a restarting server.

@@ -48,9 +48,10 @@ def saved_ict(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(ray_local, saved_ict):
     """One server for the module: a locally saved ICT, small batches so that chunking shows,
-    and a batching window wide enough for threads started together to share a forward."""
+    a batching window wide enough for threads started together to share a forward, and two
+    forward threads (batches computed side by side)."""
     _, folder = saved_ict
-    cfg = ServerConfig(resources=SMALL, max_batch_size=8, batch_wait_ms=200)
+    cfg = ServerConfig(resources=SMALL, max_batch_size=8, batch_wait_ms=200, forward_threads=2)
     client = RewardClient({"name": "ict", "checkpoint": str(folder)}, cfg).start()
     yield client
     client.shutdown()
