@@ -1,0 +1,58 @@
+"""The benchmark suite's one entry point.
+
+    python -m bench                 # every suite in its short mode (what CI runs): it runs
+    python -m bench --full          # every suite as measured in BENCHMARKS.md
+    python -m bench loop reward_server --full --out results/
+
+Each suite runs its sides in one process, one after the other, on the same tiny models,
+batch and seeds, and writes ``<out>/<suite>.json`` with min/median/max and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+# suite -> (module, how its run() is called in short and in full mode)
+SUITES = {
+    "reward_train": ("bench.reward_train", {"short": True}, {"short": False}),
+    "reward_accuracy": ("bench.reward_accuracy", {"short": True}, {"short": False}),
+    "reward_server": ("bench.reward_server", {"short": True}, {"short": False}),
+    "draft_k": ("bench.draft_k", {"short": True}, {"short": False}),
+    "loop": ("bench.loop", {"short": True}, {"short": False, "repeats": 2}),
+}
+SHORT_DEFAULT = ("reward_server", "draft_k", "loop")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p.add_argument("suites", nargs="*", help=f"any of {list(SUITES)} (default: all)")
+    p.add_argument("--full", action="store_true", help="the full sizes (minutes per suite)")
+    p.add_argument("--out", default="bench_results", help="folder for the JSON results")
+    a = p.parse_args(argv)
+    unknown = [s for s in a.suites if s not in SUITES]
+    if unknown:
+        p.error(f"unknown suite(s) {unknown}; choose from {list(SUITES)}")
+    names = a.suites or (list(SUITES) if a.full else list(SHORT_DEFAULT))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        module, short_kw, full_kw = SUITES[name]
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            print(f"{name}: not available ({e})", file=sys.stderr)
+            return 2
+        t = time.perf_counter()
+        result = mod.run(**(full_kw if a.full else short_kw))
+        (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+        print(f"== {name}: {time.perf_counter() - t:.0f}s -> {out / (name + '.json')}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
