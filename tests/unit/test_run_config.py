@@ -124,3 +124,39 @@ def test_image_stats_expose_hacking_directions():
     assert image_stats(big_noisy)["jpeg_ratio"] > 5 * image_stats(big_flat)["jpeg_ratio"]
     g = grid(to_uint8(noisy[:1].repeat(3, 1, 1, 1)))
     assert g.shape == (2 * 34, 2 * 34, 3)
+
+
+def test_early_stop_rule_counts_evaluations_without_improvement():
+    from actors.coordinator import Coordinator
+
+    cfg = load_config(RunConfig, QUICKSTART, ["train.eval_every=2", "train.early_stop.patience=2"])
+    co = Coordinator(cfg, progress=False)
+    assert not co._early_stop(4)  # no evaluation yet
+    co.best_step = 2
+    assert not co._early_stop(4)  # one evaluation since the best
+    assert co._early_stop(6)  # two
+    off = Coordinator(load_config(RunConfig, QUICKSTART), progress=False)
+    off.best_step = 2
+    assert not off._early_stop(100)
+
+
+def test_checkpoint_manifest_names_the_bad_file(tmp_path):
+    from actors.coordinator import CheckpointError, verify_checkpoint, write_manifest
+
+    ck = tmp_path / "step_000003"
+    (ck / "resume").mkdir(parents=True)
+    (ck / "resume" / "a.bin").write_bytes(b"x" * 100)
+    (ck / "b.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="incomplete"):
+        verify_checkpoint(ck)
+    write_manifest(ck, 3)
+    assert verify_checkpoint(ck) == 3
+    (ck / "resume" / "a.bin").write_bytes(b"y" * 100)
+    with pytest.raises(CheckpointError, match=r"a\.bin: corrupt"):
+        verify_checkpoint(ck)
+    (ck / "resume" / "a.bin").write_bytes(b"y" * 10)
+    with pytest.raises(CheckpointError, match=r"a\.bin: truncated"):
+        verify_checkpoint(ck)
+    (ck / "b.json").unlink()
+    with pytest.raises(CheckpointError, match=r"b\.json: missing"):
+        verify_checkpoint(ck)
