@@ -279,11 +279,15 @@ def _xformers_installed() -> bool:
     return True
 
 
-def apply_finetune(transformer, cfg: FinetuneConfig) -> list[torch.nn.Parameter]:
+def apply_finetune(
+    transformer, cfg: FinetuneConfig, seed: int | None = 0
+) -> list[torch.nn.Parameter]:
     """Make the transformer trainable as configured; returns the trainable parameters.
 
     LoRA: peft adapters named ``default`` on ``cfg.target_modules``, gaussian init for A and
-    zeros for B (so the adapted model starts equal to the base), cast to fp32.
+    zeros for B (so the adapted model starts equal to the base), cast to fp32. The init
+    draws from a generator seeded with ``seed`` (the global RNG is left alone), so every
+    rank and every process starts from the same adapters; ``seed=None`` uses the global RNG.
     """
     if cfg.mode == "full":
         transformer.requires_grad_(True)
@@ -291,15 +295,20 @@ def apply_finetune(transformer, cfg: FinetuneConfig) -> list[torch.nn.Parameter]
     from peft import LoraConfig
 
     transformer.requires_grad_(False)
-    transformer.add_adapter(
-        LoraConfig(
-            r=cfg.rank,
-            lora_alpha=cfg.alpha,
-            lora_dropout=cfg.dropout,
-            init_lora_weights="gaussian",
-            target_modules=list(cfg.target_modules),
-        )
+    lora = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        init_lora_weights="gaussian",
+        target_modules=list(cfg.target_modules),
     )
+    if seed is None:
+        transformer.add_adapter(lora)
+    else:
+        devices = [transformer.device] if transformer.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            transformer.add_adapter(lora)
     params = [p for p in transformer.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"finetune.target_modules={cfg.target_modules} matched no module")
@@ -403,7 +412,7 @@ def load_generator(
     pipe = load_pipeline(cfg, device)
     attention = set_attention_backend(pipe.transformer, cfg.attention)
     if finetune is not None:
-        apply_finetune(pipe.transformer, finetune)
+        apply_finetune(pipe.transformer, finetune, seed=cfg.seed)
         pipe.transformer.train()
     set_gradient_checkpointing(pipe, cfg.gradient_checkpointing)
     log.info(

@@ -176,3 +176,23 @@ def test_presets_validate():
     paper.validate()
     assert paper.generator.model == "stabilityai/stable-diffusion-3.5-large-turbo"
     assert (paper.sampler.steps, paper.sampler.guidance_scale, paper.draft.k) == (4, 0.0, 1)
+
+
+def test_lora_init_depends_on_the_seed_only():
+    """Every rank must start from the same adapters, whatever its global RNG went through."""
+    cfg = GeneratorConfig(model="tiny", load_t5=False, seed=0)
+
+    def lora_a(global_seed):
+        torch.manual_seed(global_seed)
+        gen = load_generator(cfg, FinetuneConfig(rank=2, alpha=2), "cpu")
+        return {
+            n: p.detach().clone() for n, p in gen.transformer.named_parameters() if "lora_A" in n
+        }
+
+    a, b = lora_a(1), lora_a(2)
+    assert a.keys() == b.keys() and a
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    load_generator(cfg, FinetuneConfig(rank=2, alpha=2), "cpu")
+    assert torch.equal(torch.get_rng_state(), before)  # the global RNG is left alone
