@@ -98,7 +98,9 @@ def loop(cfg, warmup: int) -> tuple[list[float], float]:
 
     stamps = []
     t0 = time.perf_counter()
-    Coordinator(cfg, progress=False, on_step=lambda c, s, m: stamps.append(time.perf_counter())).run()
+    Coordinator(
+        cfg, progress=False, on_step=lambda c, s, m: stamps.append(time.perf_counter())
+    ).run()
     times = [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1 :])]
     return times, time.perf_counter() - t0
 
@@ -123,8 +125,10 @@ def run(short: bool = False, repeats: int = 1) -> dict:
                     results.setdefault(side, {"step_s": [], "wall_s": []})
                     results[side]["step_s"] += times
                     results[side]["wall_s"].append(wall)
-                    print(f"{side}: median step {statistics.median(times):.3f}s, wall {wall:.1f}s",
-                          flush=True)
+                    print(
+                        f"{side}: median step {statistics.median(times):.3f}s, wall {wall:.1f}s",
+                        flush=True,
+                    )
         finally:
             ray.shutdown()
     base = statistics.median(results["plain"]["step_s"])

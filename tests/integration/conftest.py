@@ -14,6 +14,7 @@ def ray_local():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never join another Ray that happens to run on this machine
             num_cpus=4,
             include_dashboard=False,
             configure_logging=False,
