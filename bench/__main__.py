@@ -17,13 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-# suite -> (module, how its run() is called in short and in full mode)
+# suite -> (module, extra arguments in full mode); every module takes --short and --out.
 SUITES = {
-    "reward_train": ("bench.reward_train", {"short": True}, {"short": False}),
-    "reward_accuracy": ("bench.reward_accuracy", {"short": True}, {"short": False}),
-    "reward_server": ("bench.reward_server", {"short": True}, {"short": False}),
-    "draft_k": ("bench.draft_k", {"short": True}, {"short": False}),
-    "loop": ("bench.loop", {"short": True}, {"short": False, "repeats": 2}),
+    "reward_train": ("bench.reward_train", []),
+    "reward_accuracy": ("bench.reward_accuracy", []),
+    "reward_server": ("bench.reward_server", []),
+    "draft_k": ("bench.draft_k", []),
+    "loop": ("bench.loop", ["--repeats", "2"]),
 }
 SHORT_DEFAULT = ("reward_server", "draft_k", "loop")
 
@@ -41,15 +41,19 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in names:
-        module, short_kw, full_kw = SUITES[name]
+        module, full_args = SUITES[name]
         try:
             mod = importlib.import_module(module)
         except ImportError as e:
             print(f"{name}: not available ({e})", file=sys.stderr)
             return 2
         t = time.perf_counter()
-        result = mod.run(**(full_kw if a.full else short_kw))
-        (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+        path = out / f"{name}.json"
+        mod.main([*(full_args if a.full else ["--short"]), "--out", str(path)])
+        if not path.is_file():
+            print(f"{name}: wrote no {path}", file=sys.stderr)
+            return 1
+        json.loads(path.read_text())  # valid JSON, or this raises
         print(f"== {name}: {time.perf_counter() - t:.0f}s -> {out / (name + '.json')}", flush=True)
     return 0
 
