@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench/ runs from here
 KS = (1, 2, 4)
 STEPS = 4
 BATCH = 2
@@ -113,7 +114,10 @@ def main(argv: list[str] | None = None) -> dict:
             cmd += ["--size", str(args.size), "--threads", str(args.threads)]
             cmd += ["--repeats", str(repeats)]
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=False
+            )
             if proc.returncode:
                 sys.stderr.write(proc.stderr)
                 raise SystemExit(f"cell K={k} checkpointing={ckpt} failed")
