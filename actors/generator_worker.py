@@ -113,6 +113,7 @@ class GeneratorWorker:
         """Scores of every reward and the image gradient of the optimised (weighted) ones."""
         from rlhf.draft import Scores, score_and_grad
 
+        t0 = time.perf_counter()
         x = images.detach().float()
         comps: dict[str, torch.Tensor] = {}
         g = torch.zeros_like(x) if grad else None
@@ -135,6 +136,7 @@ class GeneratorWorker:
                 if sg is not None:
                     g += sg.float()
         total = sum(w * comps[k] for k, (w, _, _) in self.rewards.items() if w != 0)
+        self._reward_s = time.perf_counter() - t0
         return Scores(total, comps, g)
 
     # ------------------------------------------------------------------ training
@@ -167,6 +169,7 @@ class GeneratorWorker:
         except SkippedStep:
             return {"skipped": 1.0, "time_s": time.perf_counter() - t0}
         m["skipped"] = 0.0
+        m["reward_s"] = self._reward_s  # scoring and image gradients, local and remote
         return m
 
     @torch.no_grad()

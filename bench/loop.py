@@ -96,16 +96,22 @@ def plain(cfg, warmup: int) -> tuple[list[float], float]:
 def loop(cfg, warmup: int) -> tuple[list[float], float]:
     from actors.coordinator import Coordinator
 
-    stamps = []
+    stamps, parts = [], []
+
+    def on_step(c, s, m):
+        stamps.append(time.perf_counter())
+        parts.append((m.get("time_s", 0.0), m.get("reward_s", 0.0)))
+
     t0 = time.perf_counter()
-    Coordinator(
-        cfg, progress=False, on_step=lambda c, s, m: stamps.append(time.perf_counter())
-    ).run()
+    Coordinator(cfg, progress=False, on_step=on_step).run()
     times = [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1 :])]
+    worker = statistics.median(p[0] for p in parts[warmup + 1 :])
+    reward = statistics.median(p[1] for p in parts[warmup + 1 :])
+    print(f"  worker step {worker:.3f}s, of which rewards {reward:.3f}s", flush=True)
     return times, time.perf_counter() - t0
 
 
-def run(short: bool = False, repeats: int = 1) -> dict:
+def run(short: bool = False, repeats: int = 1, sides: list[str] | None = None) -> dict:
     import ray
 
     logging.getLogger().setLevel(logging.ERROR)
@@ -116,7 +122,10 @@ def run(short: bool = False, repeats: int = 1) -> dict:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
         ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
         try:
-            sides = ("plain", "1w_colocated") if short else ("plain", *SIDES)
+            if not sides:
+                sides = ("plain", "1w_colocated") if short else ("plain", *SIDES)
+            if "plain" not in sides:
+                sides = ("plain", *sides)  # the baseline of every ratio
             for r in range(repeats):
                 for side in sides:
                     cfg = _cfg(root / f"{side}-{r}", side, steps, batch)
@@ -154,9 +163,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--short", action="store_true")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--sides", nargs="*", default=None, help=f"plain and any of {SIDES}")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    out = json.dumps(run(a.short, a.repeats), indent=2)
+    out = json.dumps(run(a.short, a.repeats, a.sides), indent=2)
     if a.out:
         Path(a.out).write_text(out)
     print(out)
