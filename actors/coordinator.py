@@ -229,7 +229,9 @@ class Coordinator:
         if step <= self.last_logged:
             return  # already in MLflow from before a resume or rebuild
         mlflow.log_metrics(
-            {tracking.metric_key(k): float(v) for k, v in metrics.items()}, step=step
+            {tracking.metric_key(k): float(v) for k, v in metrics.items()},
+            step=step,
+            synchronous=False,  # off the step's critical path; flushed before each checkpoint
         )
         self.high_water = max(self.high_water, step)
 
@@ -290,6 +292,9 @@ class Coordinator:
     def checkpoint(self, step: int, eval_reward: float | None) -> None:
         import mlflow
 
+        # Every step up to a checkpoint is in MLflow before the checkpoint exists: a resume
+        # from it then never leaves a gap in the metric series.
+        mlflow.flush_async_logging()
         folder = self.run_dir / "checkpoints" / f"step_{step:06d}"
         export = folder / "export"
         is_best = eval_reward is not None and (self.best is None or eval_reward > self.best)
@@ -416,6 +421,7 @@ class Coordinator:
                 "wall_s": time.perf_counter() - t_start,
             }
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            mlflow.flush_async_logging()
             mlflow.end_run()
             return summary
         except BaseException:

@@ -19,6 +19,7 @@ import os
 import socket
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import ray
@@ -54,6 +55,7 @@ class GeneratorWorker:
         self.cfg: RunConfig = bind(RunConfig, cfg)
         self.rank, self.world = rank, world
         self.engine = None
+        self._pool = ThreadPoolExecutor(8, thread_name_prefix="reward-call")
 
     # ------------------------------------------------------------------ set-up
 
@@ -117,13 +119,15 @@ class GeneratorWorker:
         x = images.detach().float()
         comps: dict[str, torch.Tensor] = {}
         g = torch.zeros_like(x) if grad else None
+        # Remote rewards run in their servers while the local ones compute here; the calls go
+        # from threads so that each keeps the client's retry-on-restart behaviour.
         server_out = {}
         for key, (w, kind, obj) in self.rewards.items():
             if kind == "server":
                 if grad and w != 0:
-                    server_out[key] = obj.score_and_grad(x, prompts, w)
+                    server_out[key] = self._pool.submit(obj.score_and_grad, x, prompts, w)
                 else:
-                    server_out[key] = (obj.score(x, prompts), None)
+                    server_out[key] = self._pool.submit(lambda c=obj: (c.score(x, prompts), None))
         for key, (w, kind, obj) in self.rewards.items():
             if kind == "local":
                 s = score_and_grad({key: (1.0, obj)}, x, prompts, grad=grad and w != 0)
@@ -131,7 +135,7 @@ class GeneratorWorker:
                 if s.grad is not None:
                     g += w * s.grad
             else:
-                scores, sg = server_out[key]
+                scores, sg = server_out[key].result()
                 comps[key] = scores.float()
                 if sg is not None:
                     g += sg.float()
