@@ -50,6 +50,9 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         path = out / f"{name}.json"
         mod.main([*(full_args if a.full else ["--short"]), "--out", str(path)])
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()  # each suite starts its own Ray, sized for it
         if not path.is_file():
             print(f"{name}: wrote no {path}", file=sys.stderr)
             return 1

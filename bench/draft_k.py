@@ -24,10 +24,11 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
+
+from bench.common import stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench/ runs from here
 KS = (1, 2, 4)
@@ -43,10 +44,6 @@ def _rss_mib() -> float:
 
 def _maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _stats(xs: list[float]) -> dict:
-    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs), "n": len(xs)}
 
 
 def run_cell(k: int, checkpointing: bool, size: int, repeats: int, threads: int) -> dict:
@@ -84,7 +81,7 @@ def run_cell(k: int, checkpointing: bool, size: int, repeats: int, threads: int)
     return {
         "k": k,
         "checkpointing": checkpointing,
-        "step_s": _stats(times),
+        "step_s": stats(times),
         "peak_rss_increase_mib": _maxrss_mib() - base,
         "rss_before_mib": base,
         "trainable_params": sum(p.numel() for p in engine.params),

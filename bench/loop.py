@@ -19,7 +19,6 @@ steps; start-up is reported apart.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -29,6 +28,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from bench.common import emit, stats
 
 ROOT = Path(__file__).resolve().parents[1]
 SIDES = ("1w_colocated", "1w_server", "2w_colocated")
@@ -60,10 +61,6 @@ def _cfg(root: Path, side: str, steps: int, batch: int):
             "mlflow.register_as=null",
         ],
     )
-
-
-def _stats(xs: list[float]) -> dict:
-    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs), "n": len(xs)}
 
 
 def plain(cfg, warmup: int) -> tuple[list[float], float]:
@@ -120,7 +117,13 @@ def run(short: bool = False, repeats: int = 1, sides: list[str] | None = None) -
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-        ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(
+            address="local",
+            num_cpus=4,
+            include_dashboard=False,
+            configure_logging=False,
+            log_to_driver=False,
+        )
         try:
             if not sides:
                 sides = ("plain", "1w_colocated") if short else ("plain", *SIDES)
@@ -144,8 +147,8 @@ def run(short: bool = False, repeats: int = 1, sides: list[str] | None = None) -
     out = {}
     for side, r in results.items():
         out[side] = {
-            "step_s": _stats(r["step_s"]),
-            "wall_s": _stats(r["wall_s"]),
+            "step_s": stats(r["step_s"]),
+            "wall_s": stats(r["wall_s"]),
             "ratio_vs_plain": statistics.median(r["step_s"]) / base,
         }
     return {
@@ -166,11 +169,7 @@ def main(argv=None) -> int:
     p.add_argument("--sides", nargs="*", default=None, help=f"plain and any of {SIDES}")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    out = json.dumps(run(a.short, a.repeats, a.sides), indent=2)
-    if a.out:
-        Path(a.out).write_text(out)
-    print(out)
-    return 0
+    return emit(run(a.short, a.repeats, a.sides), a.out)
 
 
 if __name__ == "__main__":

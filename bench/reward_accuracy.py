@@ -10,13 +10,14 @@ held-out synthetic split beside the untrained tiny CLIP score and the untrained 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from bench.common import emit
 
 
 def run(short: bool = False) -> dict:
@@ -71,11 +72,7 @@ def main(argv=None) -> int:
     p.add_argument("--short", action="store_true", help="the quickstart's --fast sizes")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    out = json.dumps(run(a.short), indent=2)
-    if a.out:
-        Path(a.out).write_text(out)
-    print(out)
-    return 0
+    return emit(run(a.short), a.out)
 
 
 if __name__ == "__main__":

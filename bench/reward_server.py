@@ -29,9 +29,7 @@ import time
 
 import torch
 
-
-def _stats(xs: list[float]) -> dict:
-    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs), "n": len(xs)}
+from bench.common import stats
 
 
 def _images(batch: int, size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
@@ -160,9 +158,9 @@ def run(args) -> dict:
                 "callers": callers,
                 "calls_per_caller": calls,
                 "images_per_repeat": n_images,
-                "inproc_images_per_s": _stats(inproc),
-                "server_images_per_s": _stats(server),
-                "ratio": _stats(ratio),
+                "inproc_images_per_s": stats(inproc),
+                "server_images_per_s": stats(server),
+                "ratio": stats(ratio),
                 "server_busy_fraction": statistics.median(busy),
                 # CPU ms per image: this process (in-process), this process + the server.
                 "inproc_cpu_ms_per_image": statistics.median(cpu_in),

@@ -17,9 +17,7 @@ workers, process group) is reported separately as wall time.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import statistics
 import sys
 import tempfile
 import time
@@ -27,6 +25,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+
+from bench.common import emit, stats
 
 
 def _cfg(kind: str, root: Path, steps: int, batch: int, workers: int, name: str):
@@ -54,10 +54,6 @@ def _cfg(kind: str, root: Path, steps: int, batch: int, workers: int, name: str)
         mlflow=MlflowConfig(experiment="bench"),
         eval_every=10**6,
     ).validate()
-
-
-def _stats(xs: list[float]) -> dict:
-    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs), "n": len(xs)}
 
 
 def plain_step_times(cfg, warmup: int) -> tuple[list[float], float]:
@@ -117,7 +113,13 @@ def run(short: bool = False, kind: str = "hp") -> dict:
         ray1_cfg = replace(
             plain_cfg, name="bench-ray-1w", scaling=replace(plain_cfg.scaling, cpus_per_worker=2)
         )
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            configure_logging=False,
+            log_to_driver=False,
+        )
         try:
             results = {}
             for label, fn, cfg in (
@@ -126,7 +128,7 @@ def run(short: bool = False, kind: str = "hp") -> dict:
                 ("ray_2w", ray_step_times, base),
             ):
                 times, wall = fn(cfg, warmup)
-                results[label] = {"step_s": _stats(times), "wall_s": wall}
+                results[label] = {"step_s": stats(times), "wall_s": wall}
         finally:
             ray.shutdown()
     plain = results["plain"]["step_s"]["median"]
@@ -148,11 +150,7 @@ def main(argv=None) -> int:
     p.add_argument("--kind", default="hp", choices=["hp", "ict"])
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    out = json.dumps(run(a.short, a.kind), indent=2)
-    if a.out:
-        Path(a.out).write_text(out)
-    print(out)
-    return 0
+    return emit(run(a.short, a.kind), a.out)
 
 
 if __name__ == "__main__":
