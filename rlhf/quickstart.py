@@ -52,22 +52,15 @@ def reward_configs(out: Path, fast: bool) -> dict[str, RewardTrainConfig]:
         eval_every=8 if fast else 32,
     )
     return {
-        "ict": RewardTrainConfig(
-            name=f"quickstart-ict-{tag}",
-            kind="ict",
+        kind: RewardTrainConfig(
+            name=f"quickstart-{kind}-{tag}",
+            kind=kind,
             model={"options": TINY},
             optim=OptimConfig(lr=1e-3, batch_size=32, epochs=1 if fast else 3, warmup_steps=4),
-            mlflow=MlflowConfig(experiment="quickstart", register_as="quickstart-ict"),
+            mlflow=MlflowConfig(experiment="quickstart", register_as=f"quickstart-{kind}"),
             **common,
-        ).validate(),
-        "hp": RewardTrainConfig(
-            name=f"quickstart-hp-{tag}",
-            kind="hp",
-            model={"options": TINY},
-            optim=OptimConfig(lr=1e-3, batch_size=32, epochs=1 if fast else 3, warmup_steps=4),
-            mlflow=MlflowConfig(experiment="quickstart", register_as="quickstart-hp"),
-            **common,
-        ).validate(),
+        ).validate()
+        for kind in ("ict", "hp")
     }
 
 

@@ -243,27 +243,22 @@ def test_exported_lora_loads_into_diffusers_and_reproduces_samples(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
 
     pipe = build_tiny_pipeline(0)  # same base weights, fresh process state
-    base = pipe(
-        prompt=PROMPTS,
-        num_inference_steps=SAMPLER.steps,
-        height=32,
-        width=32,
-        generator=seeded_generators(SEEDS),
-        max_sequence_length=16,
-        guidance_scale=0.0,
-        output_type="pt",
-    ).images
+
+    def pipeline_samples():
+        return pipe(
+            prompt=PROMPTS,
+            num_inference_steps=SAMPLER.steps,
+            height=32,
+            width=32,
+            generator=seeded_generators(SEEDS),
+            max_sequence_length=16,
+            guidance_scale=0.0,
+            output_type="pt",
+        ).images
+
+    base = pipeline_samples()
     pipe.load_lora_weights(str(out), weight_name=LORA_WEIGHTS)
-    theirs = pipe(
-        prompt=PROMPTS,
-        num_inference_steps=SAMPLER.steps,
-        height=32,
-        width=32,
-        generator=seeded_generators(SEEDS),
-        max_sequence_length=16,
-        guidance_scale=0.0,
-        output_type="pt",
-    ).images
+    theirs = pipeline_samples()
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
     assert float((base - ours).abs().max()) > 1e-3  # the fine-tuning did change the samples
 
