@@ -231,7 +231,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cpus", type=int, help="torch threads here and the server's num_cpus")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    args.batches = args.batches or ([1, 16] if args.short else [1, 4, 16, 64])
+    args.batches = args.batches or ([16] if args.short else [1, 4, 16, 64])
     args.callers = args.callers or ([1, 4] if args.short else [1, 4])
     args.repeats = args.repeats or (2 if args.short else 5)
     args.images = args.images or (32 if args.short else 128)
