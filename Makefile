@@ -32,4 +32,4 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) .rlhf_cache .rlhf_runs mlflow.db mlartifacts quickstart_out
+	rm -rf $(VENV) .rlhf_cache .rlhf_runs mlflow.db mlartifacts quickstart_out runs bench_results
