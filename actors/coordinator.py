@@ -204,7 +204,7 @@ class Coordinator:
         )
         for folder in checkpoint_folders(self.run_dir):
             try:
-                step = verify_checkpoint(folder)
+                verify_checkpoint(folder)  # raises, naming the bad file
                 step, state = self.group.load(str(folder / "resume"))
             except CheckpointError as e:
                 print(f"skipping checkpoint: {e}")
@@ -306,8 +306,7 @@ class Coordinator:
             "skipped_total": self.skipped_total,
         }
         folder.mkdir(parents=True, exist_ok=True)
-        for stale in (MANIFEST,):
-            (folder / stale).unlink(missing_ok=True)
+        (folder / MANIFEST).unlink(missing_ok=True)  # incomplete until rewritten below
         self.group.save(str(folder / "resume"), step, state, str(export))
         (export / "policy_config.json").write_text(
             json.dumps(self.cfg.to_dict()["policy"], indent=1)

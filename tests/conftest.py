@@ -11,6 +11,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: two OpenMP threads on two shared cores stall badly under
+    load, and the tiny diffusion models gain nothing from them."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def images():
     g = torch.Generator().manual_seed(0)

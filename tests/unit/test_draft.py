@@ -35,13 +35,7 @@ SEEDS = [11, 12]
 SAMPLER = SamplerConfig(steps=4, height=32, width=32, max_sequence_length=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two OpenMP threads on two shared cores stall badly under load; these models are tiny.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _lora_generator(rank=4, alpha=8.0, checkpointing=True, seed=0):

@@ -19,13 +19,7 @@ PROMPTS = ["a red cube on a table", "an astronaut riding a horse"]
 SEEDS = [3, 4]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two OpenMP threads on two shared cores stall badly under load; these models are tiny.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
