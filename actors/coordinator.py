@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from actors.generator_worker import WorkerGroup, WorkerGroupError
 from actors.reward_server import RewardClient
 from actors.run_config import RunConfig
 from rlhf import tracking
-from rlhf.config import bind, flatten
+from rlhf.config import ConfigError, bind, flatten
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,15 @@ class RunStopped(RuntimeError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated or corrupt (the message names it)."""
+
+
+class ResumeError(ConfigError):
+    """A run cannot be resumed (unknown run id, no usable checkpoint); nothing was trained."""
+
+
+class RunFailed(RuntimeError):
+    """A started run failed: one line naming the cause, the run id and the resume command
+    (the cause is chained)."""
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -125,7 +135,8 @@ class Coordinator:
         self.clients: dict[str, RewardClient] = {}
         self.best: float | None = None
         self.best_step: int | None = None
-        self.versions: list[int] = []
+        self.run_id: str | None = None
+        self._resume: tuple | None = None  # (run, config dict), read by prepare()
         self.bad_in_row = 0
         self.skipped_total = 0
         self.rebuilds = 0
@@ -134,17 +145,43 @@ class Coordinator:
 
     # ------------------------------------------------------------------ set-up
 
+    def prepare(self) -> Coordinator:
+        """For a resume, before Ray starts: read the run and its config from MLflow and check
+        that a checkpoint is there; :class:`ResumeError` (naming the folder) if not."""
+        if not self.resume_run_id or self._resume is not None:
+            return self
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        rid = self.resume_run_id
+        mlflow.set_tracking_uri(tracking.tracking_uri(None))  # where this process points
+        try:
+            run = mlflow.get_run(rid)
+        except MlflowException as e:
+            raise ResumeError(
+                f"--resume {rid}: no such run in {mlflow.get_tracking_uri()} "
+                "(set MLFLOW_TRACKING_URI to the run's tracking store)"
+            ) from e
+        doc = mlflow.artifacts.load_dict(f"runs:/{rid}/config.json")
+        self.run_dir = Path(run.data.tags[RUN_DIR_TAG])
+        folder = self.run_dir / "checkpoints"
+        if not any((f / MANIFEST).is_file() for f in checkpoint_folders(self.run_dir)):
+            logged = max(tracking.logged_steps(rid, "train/loss"), default=0)
+            raise ResumeError(
+                f"--resume {rid}: no checkpoint in {folder} (the run logged {logged} steps); "
+                "its checkpoints are gone, so it cannot be continued: start a new run"
+            )
+        self._resume = (run, doc)
+        return self
+
     def _start_run(self):
         import mlflow
 
         if self.resume_run_id:
-            mlflow.set_tracking_uri(tracking.tracking_uri(None))  # where this process points
-            run = mlflow.get_run(self.resume_run_id)
-            doc = mlflow.artifacts.load_dict(f"runs:/{self.resume_run_id}/config.json")
+            run, doc = self.prepare()._resume
             self.cfg = bind(RunConfig, doc).validate()
             mlflow.set_experiment(experiment_id=run.info.experiment_id)
             self.run = mlflow.start_run(run_id=self.resume_run_id)
-            self.run_dir = Path(run.data.tags[RUN_DIR_TAG])
             self.last_logged = max(
                 tracking.logged_steps(self.resume_run_id, "train/loss"), default=-1
             )
@@ -154,13 +191,15 @@ class Coordinator:
             tracking.setup(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
             self.run = mlflow.start_run(run_name=cfg.name)
             rid = self.run.info.run_id
-            self.run_dir = (Path(cfg.output_dir) / f"{cfg.name}-{rid[:8]}").resolve()
+            cfg.output_dir = str(Path(cfg.output_dir).resolve())  # a resume may start elsewhere
+            self.run_dir = Path(cfg.output_dir) / f"{cfg.name}-{rid[:8]}"
             mlflow.set_tag(RUN_DIR_TAG, str(self.run_dir))
             mlflow.log_dict(cfg.to_dict(), "config.json")
             params = {k: str(v)[:500] for k, v in flatten(cfg.to_dict()).items()}
             mlflow.log_params(params)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.run_id = self.run.info.run_id
+        self.tracking_uri = mlflow.get_tracking_uri()
         self._localise_checkpoints()
 
     def _localise_checkpoints(self) -> None:
@@ -194,9 +233,9 @@ class Coordinator:
                 ).start()
                 print(f"reward server {spec.key} ready ({time.perf_counter() - t:.1f}s)")
 
-    def _start_group(self) -> int:
+    def _start_group(self, resuming: bool = False) -> int:
         """Start the worker group and restore the newest good checkpoint; returns its step
-        (0: none)."""
+        (0: none, which ``resuming`` refuses: the run's logged steps would be retrained)."""
         t = time.perf_counter()
         self.group = WorkerGroup(self.cfg, self.clients).start()
         print(
@@ -219,6 +258,11 @@ class Coordinator:
             self.skipped_total = state.get("skipped_total", 0)
             print(f"restored {folder.name} (step {step})")
             return step
+        if resuming:
+            raise ResumeError(
+                f"--resume {self.run_id}: no usable checkpoint in {self.run_dir / 'checkpoints'}"
+                " (see above); the run cannot be continued: start a new run"
+            )
         return 0
 
     # ------------------------------------------------------------------ logging
@@ -328,7 +372,6 @@ class Coordinator:
             MlflowClient().set_model_version_tag(
                 self.cfg.mlflow.register_as, str(v), "step", str(step)
             )
-            self.versions.append(v)
             mlflow.set_tag("rlhf.last_policy_version", str(v))
             print(
                 f"checkpoint step {step}: registered {self.cfg.mlflow.register_as} v{v}"
@@ -347,15 +390,14 @@ class Coordinator:
         self._start_run()
         cfg = self.cfg
         t_start = time.perf_counter()
+        step = 0
         try:
             self._start_servers()
-            step = self._start_group()
+            step = self._start_group(resuming=self.resume_run_id is not None)
             p = cfg.prompts
             prompts = read_prompts(p.train, p.column, p.synthetic_train, seed=cfg.seed)
-            before = None
             if step == 0:
-                before = self.evaluate(0)
-            last_eval = None
+                self.evaluate(0)
             t0, start = time.perf_counter(), step
             stop_reason = "max_steps"
             while step < cfg.train.max_steps:
@@ -392,7 +434,6 @@ class Coordinator:
                 ev = None
                 if step % cfg.train.eval_every == 0 or final:
                     ev = self.evaluate(step)
-                    last_eval = ev
                 if step % cfg.train.checkpoint_every == 0 or final:
                     try:
                         self.checkpoint(step, ev["eval/reward"] if ev else None)
@@ -404,30 +445,71 @@ class Coordinator:
                     if step % cfg.train.checkpoint_every and not final:
                         self.checkpoint(step, ev["eval/reward"])
                     break
+            mlflow.flush_async_logging()
+            before, after, versions = self._logged_results()
             summary = {
                 "run_id": self.run_id,
                 "run_dir": str(self.run_dir),
+                "checkpoints": str(self.run_dir / "checkpoints"),
+                "tracking_uri": self.tracking_uri,
+                "resume": self.resume_command(),
                 "steps": step,
                 "stop_reason": stop_reason,
                 "reward_before": before,
-                "reward_after": last_eval,
+                "reward_after": after,
                 "best_step": self.best_step,
                 "registered_model": cfg.mlflow.register_as,
-                "versions": self.versions,
+                "versions": versions,
                 "skipped_steps": self.skipped_total,
                 "rebuilds": self.rebuilds,
                 "samples": str(self.run_dir / "samples"),
                 "wall_s": time.perf_counter() - t_start,
             }
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-            mlflow.flush_async_logging()
             mlflow.end_run()
             return summary
-        except BaseException:
-            mlflow.end_run(status="FAILED")
+        except KeyboardInterrupt:
+            _end_run(status="KILLED")
             raise
+        except (RunStopped, ResumeError):
+            _end_run(status="FAILED")
+            raise
+        except Exception as e:
+            _end_run(status="FAILED")
+            cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise RunFailed(
+                f"run {self.run_id} failed after step {max(step, self.high_water)}: "
+                f"{type(e).__name__}: {cause}; resume with: {self.resume_command()}"
+            ) from e
         finally:
             self.shutdown()
+
+    def resume_command(self) -> str:
+        """The command that continues this run, from any directory."""
+        uri = shlex.quote(self.tracking_uri)
+        return f"MLFLOW_TRACKING_URI={uri} rlhf finetune --resume {self.run_id}"
+
+    def _logged_results(self) -> tuple[dict, dict, list[int]]:
+        """The run's step-0 and last evaluations and its policy versions, read back from
+        MLflow: the first part of a resumed run was logged by another process."""
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+        hist = {
+            k: {m.step: m.value for m in client.get_metric_history(self.run_id, k)}
+            for k in client.get_run(self.run_id).data.metrics
+            if k.startswith("eval/")
+        }
+        last = max((max(h) for h in hist.values() if h), default=0)
+        before = {k: h[0] for k, h in hist.items() if 0 in h}
+        after = {k: h[last] for k, h in hist.items() if last in h}
+        name = self.cfg.mlflow.register_as
+        found = (
+            client.search_model_versions(f"name='{name}' and run_id='{self.run_id}'")
+            if name
+            else []
+        )
+        return before, after, sorted(int(v.version) for v in found)
 
     def _early_stop(self, step: int) -> bool:
         es = self.cfg.train.early_stop
@@ -460,6 +542,17 @@ class Coordinator:
         self.clients = {}
 
 
+def _end_run(status: str) -> None:
+    """End the active MLflow run with ``status``; a failure to reach MLflow is logged, not
+    raised over the error being reported."""
+    import mlflow
+
+    try:
+        mlflow.end_run(status=status)
+    except Exception:
+        log.warning("could not mark the MLflow run %s", status, exc_info=True)
+
+
 def summary_lines(s: dict) -> list[str]:
     """The human summary of a run (reward before/after per component)."""
     lines = [f"run {s['run_id']}: {s['steps']} steps ({s['stop_reason']}), {s['wall_s']:.0f}s"]
@@ -474,4 +567,7 @@ def summary_lines(s: dict) -> list[str]:
             f"(versions {s['versions']}, best at step {s['best_step']})"
         )
     lines.append(f"  samples: {s['samples']}")
+    lines.append(f"  checkpoints: {s['checkpoints']}")
+    lines.append(f"  tracking: {s['tracking_uri']}")
+    lines.append(f"  resume: {s['resume']}")
     return lines

@@ -55,6 +55,7 @@ class GeneratorWorker:
         self.cfg: RunConfig = bind(RunConfig, cfg)
         self.rank, self.world = rank, world
         self.engine = None
+        self.eval_only: set[str] = set()
         self._pool = ThreadPoolExecutor(8, thread_name_prefix="reward-call")
 
     # ------------------------------------------------------------------ set-up
@@ -95,6 +96,7 @@ class GeneratorWorker:
             self.gen.transformer, policy.engine, cfg.workers.batch_size, policy.finetune.mode
         )
         self.rewards = {}  # key -> (weight, ("local", module) | ("server", client))
+        self.eval_only = {spec.key for spec in cfg.eval_reward_specs()}  # not in training
         for spec in cfg.reward_specs() + cfg.eval_reward_specs():
             if spec.placement == "server":
                 self.rewards[spec.key] = (spec.weight, "server", clients[spec.key])
@@ -112,23 +114,25 @@ class GeneratorWorker:
     # ------------------------------------------------------------------ scoring
 
     def _score(self, images: torch.Tensor, prompts: list[str], grad: bool = True):
-        """Scores of every reward and the image gradient of the optimised (weighted) ones."""
+        """Scores and the image gradient of the optimised (weighted) rewards. Training
+        (``grad``) scores the ``rewards`` only; evaluation adds the ``eval_rewards``."""
         from rlhf.draft import Scores, score_and_grad
 
         t0 = time.perf_counter()
         x = images.detach().float()
         comps: dict[str, torch.Tensor] = {}
         g = torch.zeros_like(x) if grad else None
+        rewards = {k: r for k, r in self.rewards.items() if not (grad and k in self.eval_only)}
         # Remote rewards run in their servers while the local ones compute here; the calls go
         # from threads so that each keeps the client's retry-on-restart behaviour.
         server_out = {}
-        for key, (w, kind, obj) in self.rewards.items():
+        for key, (w, kind, obj) in rewards.items():
             if kind == "server":
                 if grad and w != 0:
                     server_out[key] = self._pool.submit(obj.score_and_grad, x, prompts, w)
                 else:
                     server_out[key] = self._pool.submit(lambda c=obj: (c.score(x, prompts), None))
-        for key, (w, kind, obj) in self.rewards.items():
+        for key, (w, kind, obj) in rewards.items():
             if kind == "local":
                 s = score_and_grad({key: (1.0, obj)}, x, prompts, grad=grad and w != 0)
                 comps[key] = s.components[key]
@@ -139,7 +143,7 @@ class GeneratorWorker:
                 comps[key] = scores.float()
                 if sg is not None:
                     g += sg.float()
-        total = sum(w * comps[k] for k, (w, _, _) in self.rewards.items() if w != 0)
+        total = sum(w * comps[k] for k, (w, _, _) in rewards.items() if w != 0)
         self._reward_s = time.perf_counter() - t0
         return Scores(total, comps, g)
 

@@ -10,6 +10,8 @@ checkpoints, stopping rules), ``mlflow``. Every error names its key path.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +21,19 @@ from rewards.registry import RewardSpec
 from rlhf.policy_config import PolicyConfig
 
 PROMPT_SUFFIXES = (".txt", ".parquet", ".csv", ".jsonl")
+
+
+def ray_job_submission_id() -> str | None:
+    """The submission id when this process is the entrypoint of a ``ray job submit`` (Ray
+    hands the entrypoint its job config in ``RAY_JOB_CONFIG_JSON_ENV_VAR``); else None."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        meta = json.loads(raw).get("metadata") or {}
+    except (ValueError, AttributeError):
+        meta = {}
+    return meta.get("job_submission_id") or "(unknown id)"
 
 
 @dataclass
@@ -134,6 +149,15 @@ class RunConfig:
     def validate(self) -> RunConfig:
         if not self.name or "/" in self.name:
             raise ValueError(f"name={self.name!r} must be a non-empty name without '/'")
+        job = ray_job_submission_id()
+        if job and not Path(self.output_dir).is_absolute():
+            # A job's working directory is Ray's temporary copy of --working-dir, removed
+            # with the job: checkpoints written there could never be resumed.
+            raise ValueError(
+                f"output_dir={self.output_dir!r} is relative, and this is Ray job {job}: it "
+                "would land in the job's temporary working directory and be lost; give an "
+                "absolute path on storage every node sees"
+            )
         self.policy.validate("policy.")
         self.prompts.validate()
         self.workers.validate()

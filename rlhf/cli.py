@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 import yaml
@@ -112,7 +113,7 @@ def init_ray() -> None:
 
 
 def cmd_finetune(args) -> int:
-    from actors.coordinator import Coordinator, RunStopped, summary_lines
+    from actors.coordinator import Coordinator, RunFailed, RunStopped, summary_lines
     from actors.run_config import RunConfig
     from rlhf.config import load_config
 
@@ -126,12 +127,26 @@ def cmd_finetune(args) -> int:
         if not args.config:
             raise ConfigError("give a CONFIG file (or --resume RUN_ID)")
         cfg = load_config(RunConfig, args.config, args.overrides)
+    co = Coordinator(cfg, resume_run_id=args.resume).prepare()  # a bad resume fails here
     init_ray()
     try:
-        summary = Coordinator(cfg, resume_run_id=args.resume).run()
+        summary = co.run()
     except RunStopped as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except RunFailed as e:
+        if args.verbose:
+            traceback.print_exception(e.__cause__, file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if co.run_id is None:
+            raise
+        print(
+            f"interrupted: run {co.run_id} marked KILLED; resume with: {co.resume_command()}",
+            file=sys.stderr,
+        )
+        return 130
     print("\n".join(summary_lines(summary)))
     return 0
 
