@@ -17,6 +17,7 @@ from pathlib import Path
 
 from actors.options import ActorResources
 from actors.reward_server import ServerConfig
+from rewards.errors import ConfigError
 from rewards.registry import RewardSpec
 from rlhf.policy_config import PolicyConfig
 
@@ -181,6 +182,29 @@ class RunConfig:
                 f"rewards: duplicate reward key(s) {dup}; give each a distinct 'label'"
             )
         return self
+
+    def check_inputs(self) -> None:
+        """What :meth:`validate` cannot see from the YAML alone, checked before Ray or an
+        MLflow run starts: every reward's import path imports and its checkpoint exists
+        (local path, MLflow model or run, hub repository), and the prompt files hold prompts.
+        Errors name the key (``rewards[0].checkpoint``, ``prompts.train``)."""
+        import mlflow
+
+        from rewards.registry import check_reward
+        from rlhf import tracking
+        from rlhf.prompts import read_prompts
+
+        mlflow.set_tracking_uri(tracking.tracking_uri(self.mlflow.tracking_uri))
+        for field_name in ("rewards", "eval_rewards"):
+            for i, d in enumerate(getattr(self, field_name)):
+                where = f"{field_name}[{i}]"
+                check_reward(RewardSpec.from_dict(d, where), where)
+        for key in ("train", "eval"):
+            source = getattr(self.prompts, key)
+            try:
+                read_prompts(source, self.prompts.column, n_synthetic=1)
+            except ValueError as e:
+                raise ConfigError(f"prompts.{key}={source!r}: {e}") from e
 
     def reward_specs(self) -> list[RewardSpec]:
         return [RewardSpec.from_dict(d, f"rewards[{i}]") for i, d in enumerate(self.rewards)]

@@ -82,6 +82,9 @@ class RewardModel(nn.Module):
         """Args: images ``(B, 3, H, W)`` float in [0, 1]; prompts ``B`` strings.
         Returns: scores ``(B,)``."""
         check_images(images, prompts)
+        if images.shape[0] == 0:
+            # A batch whose every row was unreadable (B = 0, H = W = 0): nothing to score.
+            return images.new_zeros(0)
         return self.score(images, list(prompts))
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

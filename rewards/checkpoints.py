@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rewards.errors import ConfigError, MissingPathError
+
 # Buffers that older transformers versions saved and newer ones rebuild; harmless to drop.
 _BENIGN_UNEXPECTED = ("position_ids",)
 
@@ -24,7 +26,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+        raise MissingPathError(f"checkpoint file not found: {path}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load
@@ -34,11 +36,11 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or truncated files surface here
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+        raise ConfigError(f"cannot read checkpoint {path}: {e}") from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"checkpoint {path} does not hold a state dict of tensors")
+        raise ConfigError(f"checkpoint {path} does not hold a state dict of tensors")
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd
@@ -55,7 +57,7 @@ def strict_load(module: nn.Module, state_dict: dict[str, torch.Tensor], what: st
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     if missing or unexpected:
-        raise ValueError(
+        raise ConfigError(
             f"checkpoint {what or ''} does not match {type(module).__name__}: "
             f"{len(missing)} missing key(s) {missing[:5]}, "
             f"{len(unexpected)} unexpected key(s) {unexpected[:5]}"
@@ -63,7 +65,7 @@ def strict_load(module: nn.Module, state_dict: dict[str, torch.Tensor], what: st
     bad = [k for k, v in sd.items() if tuple(v.shape) != tuple(own[k].shape)]
     if bad:
         k = bad[0]
-        raise ValueError(
+        raise ConfigError(
             f"checkpoint {what} shape mismatch for {k}: "
             f"{tuple(sd[k].shape)} vs {tuple(own[k].shape)} ({len(bad)} key(s) differ)"
         )
@@ -76,4 +78,4 @@ def find_file(folder: str | os.PathLike, *names: str) -> Path:
     for n in names:
         if (folder / n).is_file():
             return folder / n
-    raise FileNotFoundError(f"none of {list(names)} found in {folder}")
+    raise MissingPathError(f"none of {list(names)} found in {folder}")

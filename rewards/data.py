@@ -21,6 +21,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from rewards.errors import ConfigError, MissingPathError
+
 log = logging.getLogger(__name__)
 
 PROMPT_COLUMNS = ("easy_prompt", "refine_prompt")
@@ -31,7 +33,7 @@ LABEL_COLUMNS = ("E1", "E2", "R1", "R2")
 def _check_columns(frame: pd.DataFrame, where: str) -> None:
     missing = [c for c in PROMPT_COLUMNS + IMAGE_COLUMNS if c not in frame.columns]
     if missing:
-        raise ValueError(f"{where}: missing required column(s) {', '.join(missing)}")
+        raise ConfigError(f"{where}: missing required column(s) {', '.join(missing)}")
 
 
 def _bad_prompt(value) -> bool:
@@ -89,7 +91,7 @@ class TripletDataset(Dataset):
         else:
             path = Path(path_or_frame)
             if not path.is_file():
-                raise FileNotFoundError(f"triplet file not found: {path}")
+                raise MissingPathError(f"triplet file not found: {path}")
             frame, where = pd.read_parquet(path), str(path)
         _check_columns(frame, where)
         self.frame = frame.reset_index(drop=True)
@@ -172,13 +174,13 @@ def read_pickhigh(pickle_path, root, split: str, allow_pickle: bool = False) -> 
     ``--allow-pickle``).
     """
     if not allow_pickle:
-        raise ValueError(
+        raise ConfigError(
             f"{pickle_path} is a pickle, and reading one runs code from the file; pass "
             "allow_pickle=True (CLI: --allow-pickle) only for a file you trust"
         )
     frame = pd.read_pickle(pickle_path)
     if not isinstance(frame, pd.DataFrame):
-        raise ValueError(f"{pickle_path}: expected a pandas DataFrame, got {type(frame).__name__}")
+        raise ConfigError(f"{pickle_path}: expected a pandas DataFrame, got {type(frame).__name__}")
     _check_columns(frame, str(pickle_path))
     root = Path(root).resolve()
     easy_dir, ref_dir = root / "pick_easy_img" / split, root / "pick_refine_img" / split

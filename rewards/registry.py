@@ -27,6 +27,7 @@ from torch import nn
 from rewards.backbones import TINY_HF_CLIP_DIR, TINY_OPEN_CLIP, BackboneSpec, build_backbone
 from rewards.base import RewardModel, check_images
 from rewards.checkpoints import find_file, load_state_dict_file, strict_load
+from rewards.errors import ConfigError, MissingPathError, UntrustedCheckpointError
 from rewards.hp import AestheticReward, HPReward
 from rewards.ict import ClipCosineReward
 from rewards.ict_hp import ICTHPReward
@@ -36,7 +37,8 @@ log = logging.getLogger(__name__)
 PLACEMENTS = ("colocated", "server")
 REWARD_FILE = "reward.json"
 WEIGHTS_FILE = "model.safetensors"
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_HUB_ID = re.compile(r"^[\w-][\w.-]*/[\w.-]+$")
+_MLFLOW_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/")
 _BACKBONE_ALIASES = {
     "tiny": {"kind": "open_clip", "model": TINY_OPEN_CLIP},
     "tiny-hf": {"kind": "hf", "model": str(TINY_HF_CLIP_DIR)},
@@ -58,19 +60,19 @@ class RewardSpec:
         if isinstance(d, str):
             d = {"name": d}
         if not isinstance(d, dict):
-            raise ValueError(f"{where} must be a mapping with a 'name', got {d!r}")
+            raise ConfigError(f"{where} must be a mapping with a 'name', got {d!r}")
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}")
+            raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}")
         if "name" not in d or not d["name"]:
-            raise ValueError(f"{where}.name is required")
+            raise ConfigError(f"{where}.name is required")
         spec = cls(**d)
         if not isinstance(spec.weight, (int, float)):
-            raise ValueError(f"{where}.weight={spec.weight!r} must be a number")
+            raise ConfigError(f"{where}.weight={spec.weight!r} must be a number")
         if spec.placement not in PLACEMENTS:
-            raise ValueError(f"{where}.placement={spec.placement!r} must be one of {PLACEMENTS}")
+            raise ConfigError(f"{where}.placement={spec.placement!r} must be one of {PLACEMENTS}")
         if spec.name not in BUILTINS and ":" not in spec.name:
-            raise ValueError(
+            raise ConfigError(
                 f"{where}.name={spec.name!r} is not a known reward "
                 f"(built-ins: {', '.join(sorted(BUILTINS))}; or use 'package.module:factory')"
             )
@@ -84,23 +86,44 @@ class RewardSpec:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def resolve_checkpoint(ref: str | os.PathLike) -> Path:
-    """A local path for a checkpoint reference: local path, MLflow URI, or hub id."""
+def is_hub_id(ref: str) -> bool:
+    """``owner/name`` with no such local path, and nothing that reads as a path: no leading
+    ``.``, ``/`` or ``~``, no weight-file suffix, and no local folder called ``owner``."""
+    if not _HUB_ID.match(ref) or os.path.exists(ref):
+        return False
+    owner, name = ref.split("/")
+    return not os.path.isdir(owner) and Path(name).suffix not in _WEIGHT_SUFFIXES
+
+
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".json", ".ckpt")
+
+
+def resolve_checkpoint(ref: str | os.PathLike, where: str = "checkpoint") -> Path:
+    """A local path for a checkpoint reference: local path, MLflow URI, or hub id.
+
+    ``where`` (e.g. ``rewards[0].checkpoint``) names the reference in errors.
+    """
     ref = str(ref)
-    if ref.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+    if ref.startswith(_MLFLOW_PREFIXES):
         import mlflow
 
-        return Path(mlflow.artifacts.download_artifacts(ref))
+        try:
+            return Path(mlflow.artifacts.download_artifacts(ref))
+        except Exception as e:  # MlflowException, OSError: not found, store unreachable
+            raise MissingPathError(f"{where}={ref!r}: cannot fetch from MLflow: {e}") from e
     if os.path.exists(ref):
         return Path(ref)
-    if _HUB_ID.match(ref):
+    if is_hub_id(ref):
         from huggingface_hub import snapshot_download
 
         try:
             return Path(snapshot_download(ref))
-        except Exception as e:
-            raise FileNotFoundError(f"cannot fetch checkpoint {ref!r} from the hub: {e}") from e
-    raise FileNotFoundError(f"checkpoint {ref!r} is not a local path, MLflow URI or hub id")
+        except Exception as e:  # offline, unknown repo, gated: all end here
+            raise MissingPathError(
+                f"{where}={ref!r}: no such local path, and fetching it from the Hugging Face "
+                f"hub failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e})"
+            ) from e
+    raise MissingPathError(f"{where}={ref!r}: no such file or folder (relative to {os.getcwd()})")
 
 
 def save_reward(model: RewardModel, folder: str | os.PathLike) -> Path:
@@ -120,12 +143,24 @@ def save_reward(model: RewardModel, folder: str | os.PathLike) -> Path:
     return folder
 
 
-def load_reward(folder: str | os.PathLike) -> RewardModel:
-    """Inverse of :func:`save_reward`; builds the architecture without pretrained weights."""
+def load_reward(folder: str | os.PathLike, allowed: str | None = None) -> RewardModel:
+    """Inverse of :func:`save_reward`; builds the architecture without pretrained weights.
+
+    A checkpoint never chooses code: its ``reward.json`` may name a built-in reward, or
+    ``allowed`` (the import path the user's own config names); anything else is refused
+    before any import.
+    """
     folder = Path(folder)
     meta = json.loads((folder / REWARD_FILE).read_text())
+    name = meta.get("name")
+    if name not in BUILTINS and (name != allowed or not allowed):
+        raise UntrustedCheckpointError(
+            f"{folder / REWARD_FILE} names reward {name!r}, which is not a built-in reward"
+            + (f" nor {allowed!r}, the reward your config names" if allowed else "")
+            + "; refusing it: a checkpoint may not choose which code runs"
+        )
     options = _without_pretrained(meta["options"])
-    model = build_reward(RewardSpec(name=meta["name"], options=options))
+    model = build_reward(RewardSpec(name=name, options=options))
     strict_load(model, load_state_dict_file(folder / WEIGHTS_FILE), what=str(folder))
     return model
 
@@ -202,13 +237,16 @@ def _build_aesthetic(options: dict, ckpt: Path | None) -> RewardModel:
 
 def _build_ict_hp(options: dict, ckpt: Path | None) -> RewardModel:
     if ckpt is not None:
-        raise ValueError(
+        raise ConfigError(
             "ict_hp takes no checkpoint of its own: give options.ict.checkpoint and "
             "options.hp.checkpoint"
         )
     parts = {}
     for part in ("ict", "hp"):
         sub = dict(options.get(part) or {})
+        if sub.get("name", part) != part:
+            # Options may come from a checkpoint's reward.json: they must not pick code.
+            raise ConfigError(f"options.{part}.name={sub['name']!r}: must be {part!r} or unset")
         sub.setdefault("options", {})
         if "backbone" in options:
             sub["options"].setdefault("backbone", options["backbone"])
@@ -258,27 +296,98 @@ class _CallableReward(RewardModel):
         return self.fn(images, prompts)
 
 
-def _import_factory(path: str) -> Callable:
+def _import_factory(path: str, where: str = "reward") -> Callable:
     mod_name, _, attr = path.partition(":")
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as e:
-        raise ValueError(f"reward {path!r}: cannot import module {mod_name!r}: {e}") from e
+        raise ConfigError(f"{where}={path!r}: cannot import module {mod_name!r}: {e}") from e
     if not hasattr(mod, attr):
-        raise ValueError(f"reward {path!r}: module {mod_name!r} has no attribute {attr!r}")
+        raise ConfigError(f"{where}={path!r}: module {mod_name!r} has no attribute {attr!r}")
     return getattr(mod, attr)
 
 
-def build_reward(spec: RewardSpec | dict | str) -> RewardModel:
-    """Build one reward model (weights loaded, in eval mode) from a spec."""
+def check_reward(spec: RewardSpec, where: str = "reward") -> None:
+    """Fail now, naming ``where``, if ``spec`` cannot be built later: its import path does not
+    import, or its checkpoint does not exist (local path, MLflow model/run, or hub id). Cheap:
+    it fetches nothing but a hub repository's metadata."""
+    if ":" in spec.name:
+        _import_factory(spec.name, f"{where}.name")
+    if spec.name == "ict_hp":
+        for part in ("ict", "hp"):
+            sub = {"name": part, **(spec.options.get(part) or {})}
+            check_reward(
+                RewardSpec.from_dict(sub, f"{where}.options.{part}"), f"{where}.options.{part}"
+            )
+    ref = str(spec.checkpoint or "")
+    key = f"{where}.checkpoint"
+    if not ref:
+        return
+    if ref.startswith(("models:/", "runs:/")):
+        _check_mlflow_ref(ref, key)
+    elif ref.startswith(_MLFLOW_PREFIXES) or os.path.exists(ref):
+        return
+    elif is_hub_id(ref):
+        _check_hub_id(ref, key)
+    else:
+        resolve_checkpoint(ref, key)  # raises the missing-path error
+
+
+def _check_mlflow_ref(ref: str, key: str) -> None:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        if ref.startswith("runs:/"):
+            client.get_run(ref[len("runs:/") :].split("/")[0])
+            return
+        name, _, version = ref[len("models:/") :].partition("/")
+        name, _, alias = name.partition("@")
+        if alias:
+            client.get_model_version_by_alias(name, alias)
+        elif version.split("/")[0] == "latest":
+            if not client.search_model_versions(f"name='{name}'", max_results=1):
+                raise MlflowException(f"registered model {name!r} has no versions")
+        else:
+            client.get_model_version(name, version.split("/")[0])
+    except MlflowException as e:
+        raise MissingPathError(
+            f"{key}={ref!r}: not found in the MLflow store {client.tracking_uri} "
+            f"({e.message.splitlines()[0]})"
+        ) from e
+
+
+def _check_hub_id(ref: str, key: str) -> None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(ref, local_files_only=True)
+        return
+    except Exception:  # not cached: ask the hub below
+        pass
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().model_info(ref)
+    except Exception as e:  # offline, unknown repo, gated
+        raise MissingPathError(
+            f"{key}={ref!r}: no such local path, and the Hugging Face hub cannot be reached "
+            f"or has no such repository ({type(e).__name__})"
+        ) from e
+
+
+def build_reward(spec: RewardSpec | dict | str, where: str = "reward") -> RewardModel:
+    """Build one reward model (weights loaded, in eval mode) from a spec; errors name
+    ``where`` (e.g. ``rewards[0]``)."""
     if not isinstance(spec, RewardSpec):
-        spec = RewardSpec.from_dict(spec)
+        spec = RewardSpec.from_dict(spec, where)
     ckpt = spec.checkpoint or _DEFAULT_CHECKPOINTS.get(spec.name)
-    path = resolve_checkpoint(ckpt) if ckpt else None
+    path = resolve_checkpoint(ckpt, f"{where}.checkpoint") if ckpt else None
     if path is not None and (path / REWARD_FILE).is_file():
-        model = load_reward(path)
+        model = load_reward(path, allowed=spec.name if ":" in spec.name else None)
     elif ":" in spec.name:
-        factory = _import_factory(spec.name)
+        factory = _import_factory(spec.name, f"{where}.name")
         kwargs = dict(spec.options)
         if path is not None:
             kwargs["checkpoint"] = str(path)
@@ -314,7 +423,7 @@ class WeightedReward(RewardModel):
 def build_weighted(specs: list[dict | RewardSpec | str]) -> WeightedReward:
     """Build every component of a reward list; keys are ``label`` or the short name."""
     if not specs:
-        raise ValueError("rewards: the list is empty; give at least one reward")
+        raise ConfigError("rewards: the list is empty; give at least one reward")
     parsed = [
         s if isinstance(s, RewardSpec) else RewardSpec.from_dict(s, f"rewards[{i}]")
         for i, s in enumerate(specs)
@@ -322,7 +431,8 @@ def build_weighted(specs: list[dict | RewardSpec | str]) -> WeightedReward:
     keys = [s.key for s in parsed]
     dup = {k for k in keys if keys.count(k) > 1}
     if dup:
-        raise ValueError(f"rewards: duplicate component name(s) {sorted(dup)}; set 'label'")
+        raise ConfigError(f"rewards: duplicate component name(s) {sorted(dup)}; set 'label'")
     return WeightedReward(
-        {s.key: build_reward(s) for s in parsed}, {s.key: float(s.weight) for s in parsed}
+        {s.key: build_reward(s, f"rewards[{i}]") for i, s in enumerate(parsed)},
+        {s.key: float(s.weight) for s in parsed},
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from rlhf.config import ConfigError
+from rewards.errors import ConfigError, UserError
 
 log = logging.getLogger("rlhf")
 
@@ -74,9 +74,12 @@ def cmd_eval_reward(args) -> int:
     ds = TripletDataset(args.data, image_root=args.image_root, image_size=args.image_size)
     loader = make_eval_loader(ds, args.batch_size)
     results = {}
-    for spec in specs:
-        reward = build_reward(spec)
-        results[spec.label or spec.name] = preference_accuracy(score_triplets(reward, loader))
+    for i, spec in enumerate(specs):
+        reward = build_reward(spec, f"--reward[{i}]")
+        scores = score_triplets(reward, loader)
+        if scores.shape[0] == 0:
+            raise ConfigError(f"{args.data}: no readable triplets ({ds.num_skipped} skipped)")
+        results[spec.label or spec.name] = preference_accuracy(scores)
     print(format_table(results))
     if ds.num_skipped:
         print(f"({ds.num_skipped} corrupt or missing triplets skipped)")
@@ -94,6 +97,7 @@ def cmd_train_reward(args) -> int:
     from rlhf.train_reward import run_job
 
     cfg = load_config(RewardTrainConfig, args.config, args.overrides)
+    init_ray(args.verbose)
     summary = run_job(cfg)
     print(
         f"done: {cfg.kind} run {summary['run_id']} best mean acc {summary['best_mean_acc']:.2f}% "
@@ -102,14 +106,24 @@ def cmd_train_reward(args) -> int:
     return 0
 
 
-def init_ray() -> None:
-    """Join the cluster in ``RAY_ADDRESS`` (set by ``ray job submit``), else start a local Ray."""
+def init_ray(verbose: bool = False) -> None:
+    """Join the cluster in ``RAY_ADDRESS`` (set by ``ray job submit``), else start a local Ray;
+    every worker gets this process's console rules (:mod:`rlhf.console`)."""
     import os
 
     import ray
 
+    from rlhf import console
+
+    console.setup(verbose)  # again: importing Ray configured its loggers
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
+        address = os.environ.get("RAY_ADDRESS")
+        print(f"connecting to Ray at {address}" if address else "starting a local Ray...")
+        ray.init(
+            address=address,
+            configure_logging=False,
+            runtime_env=console.ray_runtime_env(verbose),
+        )
 
 
 def cmd_finetune(args) -> int:
@@ -127,8 +141,9 @@ def cmd_finetune(args) -> int:
         if not args.config:
             raise ConfigError("give a CONFIG file (or --resume RUN_ID)")
         cfg = load_config(RunConfig, args.config, args.overrides)
+        cfg.check_inputs()
     co = Coordinator(cfg, resume_run_id=args.resume).prepare()  # a bad resume fails here
-    init_ray()
+    init_ray(args.verbose)
     try:
         summary = co.run()
     except RunStopped as e:
@@ -158,35 +173,68 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rlhf", description=__doc__.splitlines()[0])
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+DESCRIPTION = """\
+Train reward models for text-to-image generation (ICT, HP) and fine-tune Stable Diffusion 3.5
+against them with DRaFT-K, on one machine or a Ray cluster, tracked in MLflow."""
 
-    q = sub.add_parser("quickstart", help="CPU end-to-end demo on tiny models (no downloads)")
+EPILOG = """\
+examples:
+  rlhf quickstart                                     the whole pipeline on tiny CPU models
+  rlhf rewards list                                   the built-in rewards
+  rlhf data synth triplets.parquet --n 1000           synthetic preference triplets
+  rlhf eval-reward triplets.parquet --reward hp --reward "{name: ict, checkpoint: models:/ict/1}"
+  rlhf train-reward configs/reward_ict.yaml optim.lr=3e-4
+  rlhf finetune configs/quickstart.yaml train.max_steps=50
+  rlhf finetune --resume RUN_ID                       continue a stopped run
+
+A bad config or input fails before anything starts: one line naming the key, exit status 2.
+Run tracking: MLFLOW_TRACKING_URI (default: ./mlflow.db). Cluster: RAY_ADDRESS or ray job
+submit. Add -v (before the command) for library messages, warnings and tracebacks."""
+
+
+def _parser(sub, name: str, help: str, **kw) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".", **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rlhf",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show library messages, Python warnings, debug lines and tracebacks",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
+
+    q = _parser(sub, "quickstart", "CPU end-to-end demo on tiny models (no downloads)")
     q.add_argument("--out", default="quickstart_out", help="folder for data, results, images")
-    q.add_argument("--fast", action="store_true", help="fewer steps (for tests)")
+    q.add_argument("--fast", action="store_true", help="fewer steps (a smoke test, for CI)")
     q.set_defaults(func=cmd_quickstart)
 
-    r = sub.add_parser("rewards", help="reward registry")
-    rs = r.add_subparsers(dest="rewards_cmd", required=True)
-    rs.add_parser("list", help="list built-in rewards").set_defaults(func=cmd_rewards_list)
+    r = _parser(sub, "rewards", "the reward registry (rlhf rewards list)")
+    rs = r.add_subparsers(dest="rewards_cmd", required=True, metavar="COMMAND")
+    _parser(rs, "list", "list built-in rewards").set_defaults(func=cmd_rewards_list)
 
-    d = sub.add_parser("data", help="triplet data tools")
-    ds = d.add_subparsers(dest="data_cmd", required=True)
-    s = ds.add_parser("synth", help="write synthetic triplets to Parquet")
-    s.add_argument("out")
-    s.add_argument("--n", type=int, default=1000)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--image-size", type=int, default=64)
+    d = _parser(sub, "data", "triplet data tools")
+    ds = d.add_subparsers(dest="data_cmd", required=True, metavar="COMMAND")
+    s = _parser(ds, "synth", "write synthetic triplets to Parquet")
+    s.add_argument("out", help="the Parquet file to write")
+    s.add_argument("--n", type=int, default=1000, help="number of triplets (default: 1000)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    s.add_argument("--image-size", type=int, default=64, help="image side in pixels (default: 64)")
     s.set_defaults(func=cmd_data_synth)
-    c = ds.add_parser("convert", help="convert the public Pick-High release to Parquet")
+    c = _parser(ds, "convert", "convert the public Pick-High release to Parquet")
     c.add_argument("--pickle", required=True, help="the split's pickled pandas frame")
     c.add_argument(
         "--root", required=True, help="folder holding pick_easy_img/ and pick_refine_img/"
     )
-    c.add_argument("--split", required=True)
-    c.add_argument("--out", required=True)
+    c.add_argument("--split", required=True, help="the split's name, e.g. train or test")
+    c.add_argument("--out", required=True, help="the Parquet file to write")
     c.add_argument(
         "--allow-pickle",
         action="store_true",
@@ -195,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-embed", action="store_true", help="keep image paths, not bytes")
     c.set_defaults(func=cmd_data_convert)
 
-    e = sub.add_parser("eval-reward", help="preference accuracy of rewards on triplets")
-    e.add_argument("data", help="Parquet triplet file")
+    e = _parser(sub, "eval-reward", "preference accuracy of rewards on triplets")
+    e.add_argument("data", metavar="DATA", help="a Parquet triplet file (see rlhf data)")
     e.add_argument(
         "--reward",
         action="append",
@@ -204,18 +252,24 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="a name, or a YAML mapping like '{name: ict, checkpoint: models:/ict/1}'; repeatable",
     )
-    e.add_argument("--image-root", default=None)
-    e.add_argument("--image-size", type=int, default=224)
-    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument(
+        "--image-root", default=None, help="folder that relative image paths in DATA are under"
+    )
+    e.add_argument(
+        "--image-size", type=int, default=224, help="images are resized to this side (default: 224)"
+    )
+    e.add_argument(
+        "--batch-size", type=int, default=32, help="triplets scored at once (default: 32)"
+    )
     e.add_argument("--json", default=None, help="also write the results here")
     e.set_defaults(func=cmd_eval_reward)
 
-    t = sub.add_parser("train-reward", help="train ICT or HP as a Ray Train job")
-    t.add_argument("config")
+    t = _parser(sub, "train-reward", "train ICT or HP as a Ray Train job")
+    t.add_argument("config", help="a reward-training config, e.g. configs/reward_ict.yaml")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4")
     t.set_defaults(func=cmd_train_reward)
 
-    f = sub.add_parser("finetune", help="DRaFT-K fine-tuning of SD3/SD3.5 against rewards")
+    f = _parser(sub, "finetune", "DRaFT-K fine-tuning of SD3/SD3.5 against rewards")
     f.add_argument("config", nargs="?", help="a run config, e.g. configs/quickstart.yaml")
     f.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=10")
     f.add_argument("--resume", metavar="RUN_ID", help="continue an MLflow run from its checkpoint")
@@ -224,17 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rlhf import console
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    # open_clip warns about every randomly initialised model; tiny models always are.
-    logging.getLogger("root").setLevel(logging.ERROR)
+    console.setup(args.verbose)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except UserError as e:
+        if args.verbose:
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -15,11 +15,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from rewards.errors import ConfigError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A bad config: the message names the key."""
 
 
 def _type_name(tp) -> str:
