@@ -84,45 +84,45 @@ class ClipBackbone(nn.Module):
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError
 
-    def text_blocks(self) -> list[nn.Module]:
-        raise NotImplementedError
-
-    def vision_blocks(self) -> list[nn.Module]:
-        raise NotImplementedError
-
-    def text_modules(self) -> list[nn.Module]:
-        """Every module of the text tower (for freezing it whole)."""
-        raise NotImplementedError
-
-    def vision_modules(self) -> list[nn.Module]:
+    def tower(self, which: str) -> Tower:
+        """The parts of the ``text`` or ``vision`` tower (for freezing)."""
         raise NotImplementedError
 
     def freeze(self, text_fraction: float = 0.0, vision_fraction: float = 0.0) -> None:
-        """Freeze the first ``fraction`` of each tower's transformer blocks.
+        """Freeze each tower by ``fraction``, as the reference's ``set_grad_with_rate``.
 
-        A fraction of 1.0 freezes the whole tower (embeddings and projection too). The
-        reference HP training froze the text tower and half of the vision blocks.
+        - ``0``: nothing frozen; ``1``: the whole tower (embeddings and projection too).
+        - In between, for a tower of ``L`` blocks: the first ``int(fraction * (L + 1))`` of
+          [block 0, ..., block L-1, final layer norm] (the reference counts that norm as a
+          layer) and the output projection are frozen; the embeddings (patch or token, class,
+          position) and the norm before the blocks (``pre_layrnorm``, ``ln_pre``) stay
+          trainable. The reference HP training: text 1.0, vision 0.5.
         """
-        for name, frac, blocks, whole in (
-            ("text_fraction", text_fraction, self.text_blocks(), self.text_modules()),
-            ("vision_fraction", vision_fraction, self.vision_blocks(), self.vision_modules()),
-        ):
+        for which, frac in (("text", text_fraction), ("vision", vision_fraction)):
             if not 0.0 <= frac <= 1.0:
-                raise ValueError(f"freeze.{name}={frac} must be in [0, 1]")
+                raise ValueError(f"freeze.{which}_fraction={frac} must be in [0, 1]")
+            tower = self.tower(which)
             if frac >= 1.0:
-                targets = whole
+                targets = tower.whole
+            elif frac <= 0.0:
+                targets = []
             else:
-                n = int(round(frac * len(blocks)))
-                targets = blocks[:n]
-                if n > 0:
-                    # Freezing blocks from the input side also freezes the embeddings below them.
-                    targets = targets + self._embeddings(name)
+                layers = [*tower.blocks, tower.final_norm]
+                targets = layers[: int(frac * len(layers))] + [tower.projection]
             for m in targets:
                 for p in m.parameters():
                     p.requires_grad_(False)
 
-    def _embeddings(self, which: str) -> list[nn.Module]:
-        return []
+
+@dataclass
+class Tower:
+    """One CLIP tower's parts: ``blocks`` (transformer blocks, input side first), the
+    ``final_norm`` after them, the output ``projection``, and ``whole`` (every module)."""
+
+    blocks: list[nn.Module]
+    final_norm: nn.Module
+    projection: nn.Module
+    whole: list[nn.Module]
 
 
 class OpenClipBackbone(ClipBackbone):
@@ -152,29 +152,19 @@ class OpenClipBackbone(ClipBackbone):
         device = next(self.model.parameters()).device
         return self.model.encode_text(self.tokenizer(list(prompts)).to(device))
 
-    def text_blocks(self):
-        return list(self.model.transformer.resblocks)
-
-    def vision_blocks(self):
-        return list(self.model.visual.transformer.resblocks)
-
-    def text_modules(self):
+    def tower(self, which):
         m = self.model
-        mods = [m.transformer, m.token_embedding, m.ln_final]
-        params = [m.positional_embedding, m.text_projection]
-        return mods + [_ParamHolder(params)]
-
-    def vision_modules(self):
-        return [self.model.visual]
-
-    def _embeddings(self, which):
-        if which == "text_fraction":
-            return [self.model.token_embedding, _ParamHolder([self.model.positional_embedding])]
-        v = self.model.visual
-        names = ("class_embedding", "positional_embedding")
-        params = [getattr(v, n) for n in names if getattr(v, n, None) is not None]
-        mods = [getattr(v, "conv1", None), getattr(v, "ln_pre", None)]
-        return [m for m in mods if m is not None] + [_ParamHolder(params)]
+        if which == "text":
+            params = [m.positional_embedding, m.text_projection]
+            return Tower(
+                list(m.transformer.resblocks),
+                m.ln_final,
+                _ParamHolder([m.text_projection]),
+                [m.transformer, m.token_embedding, m.ln_final, _ParamHolder(params)],
+            )
+        v = m.visual
+        proj = [v.proj] if getattr(v, "proj", None) is not None else []
+        return Tower(list(v.transformer.resblocks), v.ln_post, _ParamHolder(proj), [v])
 
 
 class _ParamHolder(nn.Module):
@@ -219,25 +209,32 @@ class HFClipBackbone(ClipBackbone):
     def encode_text(self, prompts):
         device = next(self.model.parameters()).device
         ids = self.tokenizer(list(prompts)).to(device)
-        mask = (ids != 0).long()
+        mask = text_attention_mask(ids, self.tokenizer.eot_token_id)
         return _features(self.model.get_text_features(input_ids=ids, attention_mask=mask))
 
-    def text_blocks(self):
-        return list(self.model.text_model.encoder.layers)
+    def tower(self, which):
+        m = self.model
+        if which == "text":
+            t = m.text_model
+            return Tower(
+                list(t.encoder.layers),
+                t.final_layer_norm,
+                m.text_projection,
+                [t, m.text_projection],
+            )
+        v = m.vision_model
+        return Tower(
+            list(v.encoder.layers), v.post_layernorm, m.visual_projection, [v, m.visual_projection]
+        )
 
-    def vision_blocks(self):
-        return list(self.model.vision_model.encoder.layers)
 
-    def text_modules(self):
-        return [self.model.text_model, self.model.text_projection]
-
-    def vision_modules(self):
-        return [self.model.vision_model, self.model.visual_projection]
-
-    def _embeddings(self, which):
-        if which == "text_fraction":
-            return [self.model.text_model.embeddings]
-        return [self.model.vision_model.embeddings, self.model.vision_model.pre_layrnorm]
+def text_attention_mask(ids: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """``(B, L)`` token ids -> ``(B, L)`` long mask, 1 up to and including the first
+    end-of-text token, 0 after it (the padding). Not ``ids != 0``: id 0 is the real token
+    ``!`` ("wow!@# a cat" holds one), which only looks like the padding id."""
+    is_eot = (ids == eot_id).long()
+    after_eot = (is_eot.cumsum(-1) - is_eot) > 0
+    return (~after_eot).long()
 
 
 def _features(out) -> torch.Tensor:

@@ -1,5 +1,10 @@
-"""Training losses for ICT, HP and ICT-HP. Batch-mean reductions throughout, so a batch split
-across data-parallel workers gives the same gradient as one worker with the whole batch."""
+"""Training losses for ICT, HP and ICT-HP, with the reductions of the reference code.
+
+ICT and HP take batch means; the ICT-HP term takes a batch *sum*, as the reference does
+(``margin_ranking_loss(reduction="none").sum()``), so its weight relative to the HP term grows
+with the batch. Each is computed over the global batch (the training objective all-gathers
+its inputs), so a batch split across data-parallel workers gives the same gradient as one
+worker with the whole batch."""
 
 from __future__ import annotations
 
@@ -75,10 +80,15 @@ def hp_loss(logits: torch.Tensor, margin: float = 0.3) -> dict[str, torch.Tensor
 
 def ict_hp_loss(ict_cos: torch.Tensor, hp_logits: torch.Tensor, margin: float = 0.3):
     """ICT-HP ranking loss, as the reference: ``p = softmax(hp_logits over the triplet)``,
-    ``s_k = ict_cos_k * p_k``, then margin ranking on s2 > s1 and s3 > s2 (batch mean).
+    ``s_k = ict_cos_k * p_k``, then ``sum_b max(0, margin - (s2 - s1)) + max(0, margin -
+    (s3 - s2))``: a batch **sum**, not a mean, so at a global batch of 256 this term weighs
+    256 times what a mean would (the reference's choice, kept for its learning rates).
 
-    Args: ict_cos ``(B, 3)`` (from a frozen ICT model), hp_logits ``(B, 3)``.
+    Args: ict_cos ``(B, 3)`` (from a frozen ICT model), hp_logits ``(B, 3)``; B is the
+    global batch.
     """
     s = ict_cos * torch.softmax(hp_logits, dim=-1)
-    out = hp_loss(s, margin)
-    return {"loss": out["loss"], "icthp_21": out["hp_21"], "icthp_32": out["hp_32"]}
+    s1, s2, s3 = s.unbind(-1)
+    l21 = F.relu(margin - (s2 - s1)).sum()
+    l32 = F.relu(margin - (s3 - s2)).sum()
+    return {"loss": l21 + l32, "icthp_21": l21, "icthp_32": l32}

@@ -57,6 +57,10 @@ class LabelConfig:
 
 @dataclass
 class LossConfig:
+    """ICT: ``neg_*`` (see :func:`rewards.losses.ict_loss`). HP: ``hp_weight`` * margin ranking
+    (global-batch mean) + ``icthp_weight`` * ICT-HP ranking (global-batch *sum*, as the
+    reference; see :func:`rewards.losses.ict_hp_loss`)."""
+
     neg_weight: float = 0.5
     neg_scale: float = 20.0
     neg_threshold: float = 6.0
@@ -293,13 +297,17 @@ class Objective:
                 lc.neg_threshold,
                 lc.neg_sharpness,
             )
-        logits = self.model.logits(flat).view(b, 3)
+        # Over the global batch, as the reference: the ICT-HP term is a batch sum, which a
+        # per-rank sum averaged by DDP would divide by the number of workers.
+        logits = _gather(self.model.logits(flat).view(b, 3))
         out = hp_loss(logits, lc.margin)
         out["loss"] = lc.hp_weight * out["loss"]
         if lc.icthp_weight > 0:
             with torch.no_grad():
-                cos = self.ict_model.score(flat, list(batch["easy_prompt"]) * 3).view(3, b).T
-            extra = ict_hp_loss(cos, logits, lc.margin)
+                # ``flat`` is triplet-major (I1, I2, I3 of triplet 0, then of triplet 1, ...).
+                prompts = [p for p in batch["easy_prompt"] for _ in range(3)]
+                cos = self.ict_model.score(flat, prompts)
+            extra = ict_hp_loss(_gather(cos.view(b, 3)), logits, lc.margin)
             out.update({k: v for k, v in extra.items() if k != "loss"})
             out["loss"] = out["loss"] + lc.icthp_weight * extra["loss"]
         return out

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rewards.evaluate import format_table, preference_accuracy
 from rewards.labels import fill_labels, labels_from_cosines, rule_labels, thresholded
@@ -87,6 +88,23 @@ def test_ict_hp_loss_uses_softmax_of_hp_over_triplet():
     hp = torch.tensor([[0.0, 0.0, 0.0]])  # softmax = 1/3 each -> all products equal
     out = ict_hp_loss(cos, hp, margin=0.3)
     assert out["loss"].item() == pytest.approx(0.6)
+
+
+def test_ict_hp_loss_is_a_batch_sum_as_the_reference():
+    # The reference: margin_ranking_loss(s2, s1, 1, reduction="none").sum() + same for (s3, s2),
+    # with s = ICT cosine * softmax(HP logits over the triplet).
+    g = torch.Generator().manual_seed(0)
+    cos, hp = torch.rand(8, 3, generator=g), torch.randn(8, 3, generator=g)
+    s1, s2, s3 = (cos * torch.softmax(hp, -1)).unbind(-1)
+    one = torch.ones(8)
+    ref = F.margin_ranking_loss(s2, s1, one, margin=0.3, reduction="none").sum()
+    ref = ref + F.margin_ranking_loss(s3, s2, one, margin=0.3, reduction="none").sum()
+    out = ict_hp_loss(cos, hp, margin=0.3)
+    assert out["loss"].item() == pytest.approx(ref.item(), rel=1e-6)
+    # twice the triplets, twice the loss: a sum, not a mean
+    assert ict_hp_loss(cos.repeat(2, 1), hp.repeat(2, 1))["loss"].item() == pytest.approx(
+        2 * ref.item(), rel=1e-6
+    )
 
 
 def test_preference_accuracy_strict_ties_wrong():

@@ -1,0 +1,123 @@
+"""Rewards exact to their reference code (BarretBa/ICTHP, tgxs002/HPSv2, the LAION aesthetic
+predictor), each pinned against an independent computation on tiny real models."""
+
+import pytest
+import torch
+from transformers import CLIPConfig, CLIPModel
+
+from rewards.backbones import TINY_HF_CLIP_DIR, HFClipBackbone, OpenClipBackbone
+from rewards.losses import ict_hp_loss
+from rewards.training import Objective, RewardTrainConfig, build_model
+
+TINY = {"backbone": "tiny"}
+
+
+# --------------------------------------------------------------------------- ICT-HP training
+
+
+def test_icthp_term_pairs_each_triplet_with_its_own_prompt_and_sums():
+    cfg = RewardTrainConfig(
+        kind="hp",
+        model={"options": {**TINY, "head": {"dropout": [0, 0, 0, 0]}}},
+        ict_model={"options": TINY},
+    )
+    cfg.loss.icthp_weight = 1.0
+    torch.manual_seed(0)
+    model, _, ict = build_model(cfg)
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(4, 3, 3, 32, 32, generator=g)
+    prompts = ["a red circle", "two blue squares", "a green star", "one yellow cube"]
+    batch = {"images": images, "easy_prompt": prompts, "refine_prompt": prompts}
+    out = Objective(cfg, model, ict_model=ict)(batch)
+    with torch.no_grad():
+        cos = torch.stack([ict.score(images[i], [prompts[i]] * 3) for i in range(4)])
+        logits = torch.stack([model.logits(images[i]) for i in range(4)])
+    expected = ict_hp_loss(cos, logits, cfg.loss.margin)
+    torch.testing.assert_close(out["icthp_21"], expected["icthp_21"])
+    torch.testing.assert_close(out["icthp_32"], expected["icthp_32"])
+
+
+# --------------------------------------------------------------------------- text masking
+
+
+def test_hf_text_mask_keeps_the_exclamation_token():
+    # CLIP's BPE gives "!" id 0, the same number as the padding. The reference feeds input ids
+    # only; CLIP's text attention is causal, so the padding after the end-of-text token cannot
+    # reach the pooled token and no mask is needed to match it.
+    torch.manual_seed(0)
+    bb = HFClipBackbone(TINY_HF_CLIP_DIR).eval()
+    prompts = ["wow!@# a cat", "a cat"]
+    ids = bb.tokenizer(prompts)
+    assert (ids[0, :7] == 0).any(), "the prompt must contain token id 0"
+    with torch.no_grad():
+        ours = bb.encode_text(prompts)
+        ref = bb.model.get_text_features(input_ids=ids)
+    ref = ref if isinstance(ref, torch.Tensor) else ref.pooler_output
+    torch.testing.assert_close(ours, ref)
+
+
+# --------------------------------------------------------------------------- HP freezing
+
+
+def _trainable(module):
+    # logit_scale belongs to neither tower (build_model freezes it for every cosine reward)
+    return {n for n, p in module.named_parameters() if p.requires_grad and "logit_scale" not in n}
+
+
+def test_hp_freezing_matches_reference_on_hf_clip():
+    torch.manual_seed(0)
+    bb = HFClipBackbone(TINY_HF_CLIP_DIR)
+    bb.freeze(text_fraction=1.0, vision_fraction=0.5)
+    got = {n.removeprefix("model.") for n in _trainable(bb)}
+    # The reference (set_grad_with_rate, fix_rate 0.5) on 2 vision layers: [layer0, layer1,
+    # post_layernorm][:int(3 * 0.5)] frozen, visual_projection frozen; the embeddings and
+    # pre_layrnorm are never touched, so they stay trainable.
+    ref = CLIPModel(CLIPConfig.from_pretrained(TINY_HF_CLIP_DIR))
+    expected = set()
+    for n, _ in ref.named_parameters():
+        if n.startswith("vision_model.") and not n.startswith("vision_model.encoder.layers.0."):
+            expected.add(n)
+    assert got == expected
+    assert any(n.startswith("vision_model.embeddings.patch_embedding") for n in got)
+    assert any(n.startswith("vision_model.pre_layrnorm") for n in got)
+    assert not any(n.startswith("visual_projection") for n in got)
+
+
+def test_hp_freezing_on_open_clip_and_ends():
+    torch.manual_seed(0)
+    bb = OpenClipBackbone("tiny-clip")
+    bb.freeze(text_fraction=1.0, vision_fraction=0.5)
+    got = _trainable(bb)
+    # The same rule: resblocks.0 and proj frozen; conv1, the embeddings, ln_pre, resblocks.1
+    # and ln_post trainable; the text tower and logit_scale frozen (text 1.0).
+    expected = {
+        f"model.visual.{n}"
+        for n, _ in bb.model.visual.named_parameters()
+        if not n.startswith("transformer.resblocks.0.") and n != "proj"
+    }
+    assert got == expected
+    assert {"model.visual.conv1.weight", "model.visual.ln_pre.weight"} <= got
+    # 0 freezes nothing, 1 everything
+    bb = OpenClipBackbone("tiny-clip")
+    n_all = len(list(bb.parameters())) - 1  # logit_scale
+    bb.freeze(0.0, 0.0)
+    assert len(_trainable(bb)) == n_all
+    bb.freeze(1.0, 1.0)
+    assert _trainable(bb) == set()
+    with pytest.raises(ValueError, match="freeze.vision_fraction"):
+        bb.freeze(0.0, 1.5)
+
+
+def test_hp_training_model_freezes_as_reference():
+    cfg = RewardTrainConfig(kind="hp", model={"options": {"backbone": "tiny-hf"}})
+    cfg.freeze.text_fraction, cfg.freeze.vision_fraction = 1.0, 0.5
+    model, _, _ = build_model(cfg)
+    names = _trainable(model)
+    assert "backbone.model.vision_model.pre_layrnorm.weight" in names
+    assert not any("visual_projection" in n or "text_model" in n for n in names)
+    # gradients reach the trainable embeddings through the frozen blocks
+    model.logits(torch.rand(2, 3, 32, 32)).sum().backward()
+    p = dict(model.named_parameters())[
+        "backbone.model.vision_model.embeddings.patch_embedding.weight"
+    ]
+    assert p.grad is not None and p.grad.abs().sum() > 0
