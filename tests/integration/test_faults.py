@@ -1,7 +1,11 @@
 """Fault injection around the driver: SIGKILL it mid-run, corrupt its newest checkpoint, then
-``rlhf finetune --resume RUN_ID`` finishes the run with every step logged once."""
+``rlhf finetune --resume RUN_ID`` finishes the run with every step logged once; Ctrl-C, a
+resume whose checkpoints are gone, and a worker dying past the rebuild limit each end with the
+run id and the resume command, never a silent retrain."""
 
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,3 +87,132 @@ def test_sigkill_driver_then_resume_skips_a_corrupt_checkpoint(ray_local, mlflow
     assert steps == [1, 2, 3, 4, 5]  # no gap, no duplicate
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"
     assert "5 steps (max_steps)" in out
+
+
+def _finetune(runs, *overrides) -> list[str]:
+    """A short run of the quickstart config on 32 px images."""
+    return [
+        "finetune",
+        str(QUICKSTART),
+        f"output_dir={runs}",
+        "policy.sampler.height=32",
+        "policy.sampler.width=32",
+        "prompts.synthetic_eval=2",
+        "workers.num_workers=1",
+        "train.eval_every=100",
+        *overrides,
+    ]
+
+
+def test_ctrl_c_then_resume_reports_the_whole_run_and_refuses_once_checkpoints_are_gone(
+    ray_local, mlflow_store, tmp_path
+):
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+        "MLFLOW_TRACKING_URI": mlflow_store,
+    }
+    runs, client = tmp_path / "runs", MlflowClient()
+    args = _finetune(
+        runs,
+        "train.max_steps=4",
+        "train.checkpoint_every=1",
+        "mlflow.experiment=ctrl-c",
+        "mlflow.register_as=ctrl-c-policy",
+    )
+    proc = _rlhf(*args, env=env)
+    deadline = time.time() + 300
+    while not list(runs.glob("*/checkpoints/step_000002/manifest.json")):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "no checkpoint at step 2 in time"
+        time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGINT)  # Ctrl-C reaches the CLI process
+    out, _ = proc.communicate(timeout=120)
+    (run,) = client.search_runs([client.get_experiment_by_name("ctrl-c").experiment_id])
+    run_id = run.info.run_id
+    resume = f"MLFLOW_TRACKING_URI={shlex.quote(mlflow_store)} rlhf finetune --resume {run_id}"
+    assert proc.returncode == 130, out
+    assert f"interrupted: run {run_id} marked KILLED; resume with: {resume}" in out
+    assert client.get_run(run_id).info.status == "KILLED"
+
+    resumed = _rlhf("finetune", "--resume", run_id, env=env)
+    out, _ = resumed.communicate(timeout=400)
+    assert resumed.returncode == 0, out
+    summary = out[out.index(f"run {run_id}: 4 steps") :]
+    # Before -> after from the step-0 evaluation that the interrupted process logged.
+    (step0,) = [m.value for m in client.get_metric_history(run_id, "eval/reward") if m.step == 0]
+    assert f"{'eval/reward':<28} {step0:8.4f} -> " in summary, summary
+    assert "nan" not in summary
+    # Every policy version of the run, those of the interrupted process included.
+    versions = sorted(int(v.version) for v in client.search_model_versions("name='ctrl-c-policy'"))
+    assert versions[:2] == [1, 2] and versions[-1] >= 3
+    assert f"(versions {versions}," in summary
+    (run_dir,) = runs.iterdir()
+    assert f"checkpoints: {run_dir / 'checkpoints'}" in summary
+    assert f"tracking: {mlflow_store}" in summary
+    assert f"resume: {resume}" in summary
+    # The eval-only reward is scored at evaluation, never in a training step.
+    metrics = client.get_run(run_id).data.metrics
+    assert "eval/reward/clip" in metrics and "train/reward/ict" in metrics
+    assert not [k for k in metrics if k.startswith("train/reward/clip")]
+
+    shutil.rmtree(run_dir / "checkpoints")
+    gone = subprocess.run(
+        [sys.executable, "-m", "rlhf.cli", "finetune", "--resume", run_id],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert gone.returncode == 2, gone.stdout + gone.stderr
+    assert f"no checkpoint in {run_dir / 'checkpoints'}" in gone.stderr
+    assert "Traceback" not in gone.stderr
+    steps = sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
+    assert steps == [1, 2, 3, 4]  # nothing retrained
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_worker_dying_past_the_rebuild_limit_ends_in_one_line_with_the_resume_command(
+    ray_local, mlflow_store, tmp_path
+):
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+        "MLFLOW_TRACKING_URI": mlflow_store,
+    }
+    dying = (  # the worker process exits in its first training step
+        "rewards=[{name: 'tests.integration.faulty_rewards:brightness', "
+        "options: {exit_calls: [1]}}]"
+    )
+    args = _finetune(
+        tmp_path / "runs",
+        dying,
+        "eval_rewards=[]",
+        "workers.max_rebuilds=0",
+        "train.max_steps=3",
+        "mlflow.experiment=dying",
+        "mlflow.register_as=null",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlhf.cli", "-v", *args],
+        cwd=ROOT,  # the workers import the test reward from here
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("dying").experiment_id])
+    run_id = run.info.run_id
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"error: run {run_id} failed after step 0: RuntimeError: generator group failed 1 "
+        "times (workers.max_rebuilds=0): generator worker failed:"
+    ), last
+    assert last.endswith(
+        f"; resume with: MLFLOW_TRACKING_URI={shlex.quote(mlflow_store)} "
+        f"rlhf finetune --resume {run_id}"
+    ), last
+    assert "Traceback" in proc.stderr  # -v shows it
+    assert client.get_run(run_id).info.status == "FAILED"
