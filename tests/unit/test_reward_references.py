@@ -6,7 +6,9 @@ import torch
 from transformers import CLIPConfig, CLIPModel
 
 from rewards.backbones import TINY_HF_CLIP_DIR, HFClipBackbone, OpenClipBackbone
+from rewards.evaluate import evaluate_reward, preference_accuracy
 from rewards.losses import ict_hp_loss
+from rewards.registry import build_reward
 from rewards.training import Objective, RewardTrainConfig, build_model
 
 TINY = {"backbone": "tiny"}
@@ -121,3 +123,60 @@ def test_hp_training_model_freezes_as_reference():
         "backbone.model.vision_model.embeddings.patch_embedding.weight"
     ]
     assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- ICT-HP validation
+
+
+@pytest.fixture(scope="module")
+def triplet_loader(tmp_path_factory):
+    from rewards.data import TripletDataset
+    from rewards.synthetic import write_synthetic_parquet
+    from rewards.training import make_eval_loader
+
+    path = write_synthetic_parquet(tmp_path_factory.mktemp("d") / "t.parquet", 12, image_size=32)
+    return make_eval_loader(TripletDataset(path, image_size=32), 5)
+
+
+def _ict_hp():
+    torch.manual_seed(0)
+    r = build_reward({"name": "ict_hp", "options": TINY})
+    torch.nn.init.normal_(r.hp.head.layers[-1].weight, std=3.0)  # logits far from 0
+    return r
+
+
+def test_ict_hp_reference_validation_is_ict_times_softmax_over_the_triplet(triplet_loader):
+    reward = _ict_hp()
+    rows = evaluate_reward("ict_hp", reward, triplet_loader, progress=False)
+    per_image, reference = [], []
+    with torch.no_grad():
+        for batch in triplet_loader:
+            for imgs, prompt in zip(batch["images"], batch["easy_prompt"]):
+                cos = torch.stack([reward.ict(im[None], [prompt])[0] for im in imgs])
+                logits = torch.stack([reward.hp.logits(im[None])[0] for im in imgs])
+                reference.append(cos * torch.softmax(logits, 0))
+                per_image.append(cos * torch.sigmoid(logits))
+    reference, per_image = torch.stack(reference), torch.stack(per_image)
+    assert not torch.allclose(reference, per_image)
+    assert rows == {
+        "ict_hp: ICT x sigmoid(HP), per image": preference_accuracy(per_image),
+        "ict_hp: ICT x softmax(HP over triplet), reference": preference_accuracy(reference),
+    }
+
+
+def test_ict_is_also_reported_against_the_refined_prompt(triplet_loader):
+    torch.manual_seed(0)
+    reward = build_reward({"name": "ict", "options": TINY})
+    rows = evaluate_reward("ict", reward, triplet_loader, progress=False)
+    refined = []
+    with torch.no_grad():
+        for batch in triplet_loader:
+            for imgs, prompt in zip(batch["images"], batch["refine_prompt"]):
+                refined.append(reward(imgs, [prompt] * 3))
+    assert set(rows) == {"ict", "ict: refined prompt"}
+    assert rows["ict: refined prompt"] == preference_accuracy(torch.stack(refined))
+    assert set(
+        evaluate_reward(
+            "clip", build_reward({"name": "clip", "options": TINY}), triplet_loader, progress=False
+        )
+    ) == {"clip"}
