@@ -91,7 +91,29 @@ def test_ray_job_submit_to_a_real_head_with_token_auth(tmp_path):
         assert submit.returncode == 0, out
         assert "succeeded" in out
         assert "2 steps (max_steps)" in out
-        assert list((tmp_path / "runs").glob("*/checkpoints/step_000002/manifest.json"))
+        (run_dir,) = (tmp_path / "runs").iterdir()
+        assert list(run_dir.glob("checkpoints/step_000002/manifest.json"))
+        # The summary says where the run is and how to continue it.
+        assert f"checkpoints: {run_dir / 'checkpoints'}" in out
+        assert f"tracking: sqlite:///{tmp_path}/mlflow.db" in out
+        assert f"resume: MLFLOW_TRACKING_URI=sqlite:///{tmp_path}/mlflow.db rlhf finetune" in out
+        # A relative output_dir would land in the job's temporary copy of --working-dir.
+        relative = subprocess.run(
+            [
+                str(BIN / "ray"), "job", "submit", "--address", address,
+                "--working-dir", str(job_dir), "--runtime-env-json", json.dumps(runtime_env),
+                "--", sys.executable, "-m", "rlhf.cli", "finetune", "run.yaml",
+                *TINY_RUN, "output_dir=runs",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )  # fmt: skip
+        out = relative.stdout + relative.stderr
+        assert relative.returncode != 0, out
+        assert "output_dir='runs' is relative, and this is Ray job raysubmit_" in out
+        assert "Traceback" not in out
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
