@@ -55,7 +55,7 @@ def setup(verbose: bool | None = None) -> None:
     # Other libraries log to the root logger too (open_clip's "No pretrained weights").
     root.setLevel(logging.INFO if verbose else logging.ERROR)
     for name in OURS:
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
     for name in _CHATTY:
         lg = logging.getLogger(name)
         if verbose:

@@ -209,20 +209,26 @@ def load_resume(engine, folder: str | os.PathLike) -> tuple[int, dict]:
     if not doc_path.is_file():
         raise FileNotFoundError(f"{folder} is not a resume bundle (no {TRAINER_STATE})")
     doc = json.loads(doc_path.read_text())
-    previous = engine.checkpoint_engine
-    engine.checkpoint_engine = _safe_checkpoint_engine(engine)
-    try:
-        path, _ = engine.load_checkpoint(str(folder / "deepspeed"), tag=DS_TAG)
-    finally:
-        engine.checkpoint_engine = previous
-    if path is None:
-        raise FileNotFoundError(f"{folder}: DeepSpeed found no checkpoint to load")
+    load_deepspeed_checkpoint(engine, folder / "deepspeed", DS_TAG)
     rank = _rank()
     rng_file = folder / "rng" / f"rank{rank}.safetensors"
     if rng_file.is_file():
         meta = json.loads((folder / "rng" / f"rank{rank}.json").read_text())
         _set_rng_state(load_file(str(rng_file)), meta)
     return int(doc["step"]), dict(doc.get("state", {}))
+
+
+def load_deepspeed_checkpoint(engine, folder: str | os.PathLike, tag: str) -> None:
+    """``engine.load_checkpoint(folder, tag)`` with ``torch.load(weights_only=True)``:
+    DeepSpeed's own loader unpickles arbitrary objects. Collective."""
+    previous = engine.checkpoint_engine
+    engine.checkpoint_engine = _safe_checkpoint_engine(engine)
+    try:
+        path, _ = engine.load_checkpoint(str(folder), tag=tag)
+    finally:
+        engine.checkpoint_engine = previous
+    if path is None:
+        raise FileNotFoundError(f"{folder}: DeepSpeed found no checkpoint {tag!r} to load")
 
 
 def _safe_checkpoint_engine(engine):

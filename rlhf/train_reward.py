@@ -34,11 +34,13 @@ from rewards.training import (
 )
 from rlhf import tracking
 from rlhf.config import bind, flatten
+from rlhf.export import load_deepspeed_checkpoint
 
 log = logging.getLogger(__name__)
 STATE_FILE = "train_state.json"
 OPTIM_FILE = "optim.pt"
 MODEL_DIR = "model"
+DS_TAG = "state"
 
 
 class _ObjectiveModule(nn.Module):
@@ -73,7 +75,7 @@ def _save_checkpoint(
     folder.mkdir(parents=True, exist_ok=True)
     if strategy == "deepspeed":
         # Every rank writes its own ZeRO partition; Ray merges the ranks' files.
-        engine.save_checkpoint(str(folder / "deepspeed"), tag="state")
+        engine.save_checkpoint(str(folder / "deepspeed"), tag=DS_TAG)
     if _rank() == 0:
         save_reward(model, folder / MODEL_DIR)
         if strategy != "deepspeed":
@@ -82,6 +84,30 @@ def _save_checkpoint(
                 folder / OPTIM_FILE,
             )
         (folder / STATE_FILE).write_text(json.dumps({"step": step, "mlflow_run_id": run_id}))
+
+
+def deepspeed_engine(cfg: RewardTrainConfig, module: nn.Module, optimizer, scheduler, resume_from):
+    """DeepSpeed ZeRO around the objective (``scaling.strategy: deepspeed``); restores
+    ``resume_from`` (a checkpoint's ``deepspeed/`` folder, or None) with
+    ``torch.load(weights_only=True)``, as the fine-tuning resume does. Collective."""
+    import deepspeed
+
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=module,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config={
+            "train_micro_batch_size_per_gpu": cfg.optim.batch_size,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": cfg.optim.grad_clip,
+            "zero_optimization": {"stage": cfg.scaling.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+        },
+    )
+    if resume_from is not None:
+        load_deepspeed_checkpoint(engine, resume_from, DS_TAG)
+    return engine, optimizer, scheduler
 
 
 def _rank() -> int:
@@ -123,23 +149,9 @@ def train_func(config: dict) -> None:
     optimizer, scheduler = make_optimizer(cfg.optim, model.parameters(), total)
     engine = None
     if cfg.scaling.strategy == "deepspeed":
-        import deepspeed
-
-        engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=wrapped,
-            optimizer=optimizer,
-            lr_scheduler=scheduler,
-            config={
-                "train_micro_batch_size_per_gpu": cfg.optim.batch_size,
-                "gradient_accumulation_steps": 1,
-                "gradient_clipping": cfg.optim.grad_clip,
-                "zero_optimization": {"stage": cfg.scaling.zero_stage},
-                "zero_allow_untested_optimizer": True,
-                "steps_per_print": 10**9,
-            },
+        engine, optimizer, scheduler = deepspeed_engine(
+            cfg, wrapped, optimizer, scheduler, ckpt_dir / "deepspeed" if ckpt_dir else None
         )
-        if ckpt_dir is not None:
-            engine.load_checkpoint(str(ckpt_dir / "deepspeed"), tag="state")
         forward, backward, step_fn = engine, engine.backward, engine.step
     else:
         if ckpt_dir is not None:
