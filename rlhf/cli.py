@@ -66,7 +66,7 @@ def cmd_data_convert(args) -> int:
 
 def cmd_eval_reward(args) -> int:
     from rewards.data import TripletDataset
-    from rewards.evaluate import format_table, preference_accuracy, score_triplets, write_json
+    from rewards.evaluate import evaluate_reward, format_table, score_triplets, write_json
     from rewards.registry import RewardSpec, build_reward
     from rewards.training import make_eval_loader
 
@@ -79,7 +79,7 @@ def cmd_eval_reward(args) -> int:
         scores = score_triplets(reward, loader)
         if scores.shape[0] == 0:
             raise ConfigError(f"{args.data}: no readable triplets ({ds.num_skipped} skipped)")
-        results[spec.label or spec.name] = preference_accuracy(scores)
+        results.update(evaluate_reward(spec.label or spec.name, reward, loader, scores=scores))
     print(format_table(results))
     if ds.num_skipped:
         print(f"({ds.num_skipped} corrupt or missing triplets skipped)")
