@@ -199,7 +199,7 @@ def _build_cosine(name: str, default_backbone, **kw):
         opts = {**options, "backbone": spec.to_dict()}
         model = ClipCosineReward(build_backbone(spec), **kw)
         if ckpt is not None:
-            # A bare CLIP state dict: the released ICT (CLIPModel) or HPSv2 (open_clip).
+            # A bare CLIP state dict: the released ICT (a transformers CLIPModel).
             path = ckpt if ckpt.is_file() else find_file(ckpt, *_CLIP_FILES)
             strict_load(model.backbone.model, load_state_dict_file(path), what=str(path))
         return _tag(model, name, opts)
@@ -226,8 +226,45 @@ def _build_hp(options: dict, ckpt: Path | None) -> RewardModel:
     return _tag(model, "hp", opts)
 
 
+# The LAION aesthetic predictor ran on OpenAI's ViT-L/14 (``clip.load``), which uses QuickGELU;
+# open_clip's plain ``ViT-L-14`` uses GELU and would change every feature.
+AESTHETIC_BACKBONE = {"kind": "open_clip", "model": "ViT-L-14-quickgelu", "pretrained": "openai"}
+
+# HPSv2 (tgxs002/HPSv2, ``hps_version_map``): the hub repo and its file per version.
+HPSV2_REPO = "xswu/HPSv2"
+HPSV2_FILES = {"2.0": "HPS_v2_compressed.pt", "2.1": "HPS_v2.1_compressed.pt"}
+
+
+def _build_hpsv2(options: dict, ckpt: Path | None) -> RewardModel:
+    """open_clip ViT-H-14 with the HPSv2 weights (the whole CLIP, ``{"state_dict": ...}``);
+    score = cosine, as ``hpsv2.score``. ``options.version``: ``"2.0"`` (the default of
+    ``hpsv2.score``) or ``"2.1"``. ``ckpt``: that file, or a folder holding it (a copy of the
+    hub repo); none: the file is fetched from the hub repo ``xswu/HPSv2``."""
+    options = dict(options)
+    version = str(options.pop("version", "2.0")).removeprefix("v")
+    if version not in HPSV2_FILES:
+        raise ConfigError(f"options.version={version!r} must be one of {sorted(HPSV2_FILES)}")
+    filename = HPSV2_FILES[version]
+    if ckpt is None:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            ckpt = Path(hf_hub_download(HPSV2_REPO, filename))
+        except Exception as e:  # offline, moved: all end here
+            raise MissingPathError(
+                f"hpsv2: cannot fetch {filename} from the Hugging Face hub repo {HPSV2_REPO} "
+                f"({type(e).__name__}); download it and give checkpoint: <path to the file>"
+            ) from e
+    elif ckpt.is_dir():
+        ckpt = find_file(ckpt, filename)
+    spec = _backbone(options, {"kind": "open_clip", "model": "ViT-H-14"})
+    model = ClipCosineReward(build_backbone(spec))
+    strict_load(model.backbone.model, load_state_dict_file(ckpt), what=str(ckpt))
+    return _tag(model, "hpsv2", {**options, "version": version, "backbone": spec.to_dict()})
+
+
 def _build_aesthetic(options: dict, ckpt: Path | None) -> RewardModel:
-    spec = _backbone(options, {"kind": "open_clip", "model": "ViT-L-14", "pretrained": "openai"})
+    spec = _backbone(options, AESTHETIC_BACKBONE)
     model = AestheticReward(build_backbone(spec), head=options.get("head"))
     if ckpt is not None:
         path = ckpt if ckpt.is_file() else find_file(ckpt, *_HEAD_FILES)
@@ -269,12 +306,14 @@ BUILTINS: dict[str, tuple[Callable, str]] = {
         "PickScore: transformers CLIPModel, logit_scale * cosine",
     ),
     "hpsv2": (
-        _build_cosine("hpsv2", {"kind": "open_clip", "model": "ViT-H-14"}),
-        "HPSv2: open_clip ViT-H-14 + HPS_v2 checkpoint, cosine",
+        _build_hpsv2,
+        "HPSv2: open_clip ViT-H-14 + HPS_v2(.1)_compressed.pt from xswu/HPSv2, cosine",
     ),
     "aesthetic": (_build_aesthetic, "LAION aesthetic MLP on CLIP ViT-L/14 image features"),
 }
-_DEFAULT_CHECKPOINTS = {"hpsv2": "xswu/HPSv2"}
+# Built-ins whose weights come from a fixed hub id when no checkpoint is given (hpsv2 fetches
+# its one file itself).
+_DEFAULT_CHECKPOINTS: dict[str, str] = {}
 
 
 def list_rewards() -> dict[str, str]:

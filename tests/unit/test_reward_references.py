@@ -8,7 +8,7 @@ from transformers import CLIPConfig, CLIPModel
 from rewards.backbones import TINY_HF_CLIP_DIR, HFClipBackbone, OpenClipBackbone
 from rewards.evaluate import evaluate_reward, preference_accuracy
 from rewards.losses import ict_hp_loss
-from rewards.registry import build_reward
+from rewards.registry import AESTHETIC_BACKBONE, HPSV2_FILES, build_reward
 from rewards.training import Objective, RewardTrainConfig, build_model
 
 TINY = {"backbone": "tiny"}
@@ -180,3 +180,61 @@ def test_ict_is_also_reported_against_the_refined_prompt(triplet_loader):
             "clip", build_reward({"name": "clip", "options": TINY}), triplet_loader, progress=False
         )
     ) == {"clip"}
+
+
+# --------------------------------------------------------------------------- HPSv2, aesthetic
+
+
+def _hub_cache_with_hpsv2(root):
+    """A Hugging Face cache holding both HPSv2 files (tiny CLIPs with different weights),
+    laid out as ``hf_hub_download`` leaves it."""
+    import open_clip
+
+    from rewards.backbones import register_model_configs
+
+    register_model_configs()
+    repo = root / "models--xswu--HPSv2"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    weights = {}
+    for i, (version, filename) in enumerate(HPSV2_FILES.items()):
+        torch.manual_seed(10 + i)
+        sd = open_clip.create_model("tiny-clip").state_dict()
+        torch.save({"state_dict": sd}, snap / filename)  # the released wrapping
+        weights[version] = sd
+    return snap, weights
+
+
+@pytest.mark.parametrize("version", ["2.0", 2.1, "v2.1"])
+def test_hpsv2_loads_its_hub_files_by_version(tmp_path, monkeypatch, version):
+    import huggingface_hub.constants as hub
+
+    snap, weights = _hub_cache_with_hpsv2(tmp_path)
+    # the real hf_hub_download, answered from this cache only: nothing is downloaded
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    want = weights[str(version).removeprefix("v")]
+    for spec in (
+        {"name": "hpsv2", "options": {**TINY, "version": version}},  # default: the hub repo
+        {"name": "hpsv2", "checkpoint": str(snap), "options": {**TINY, "version": version}},
+    ):
+        got = build_reward(spec).backbone.model.state_dict()
+        for k, v in want.items():
+            torch.testing.assert_close(got[k], v, msg=k)
+
+
+def test_hpsv2_bad_version_names_the_option():
+    with pytest.raises(ValueError, match=r"options.version='3.0'"):
+        build_reward({"name": "hpsv2", "options": {**TINY, "version": "3.0"}})
+
+
+def test_aesthetic_default_backbone_is_openai_vit_l_14_with_quickgelu():
+    import open_clip
+
+    model, tag = AESTHETIC_BACKBONE["model"], AESTHETIC_BACKBONE["pretrained"]
+    assert open_clip.get_model_config(model)["quick_gelu"] is True
+    assert open_clip.get_model_config(model)["embed_dim"] == 768  # the LAION head's input
+    assert open_clip.get_pretrained_cfg(model, tag)["quick_gelu"] is True
