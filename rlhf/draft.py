@@ -26,6 +26,7 @@ import torch
 
 from rlhf.generator import FinetuneConfig, Generator, PromptEmbeds
 from rlhf.sampler import (
+    CFG_GRAD,
     SamplerConfig,
     initial_latents,
     rollout,
@@ -53,6 +54,9 @@ class DraftConfig:
     - ``anchor_weight``: weight of ``mean ||v - v_base||^2`` over the gradient steps, ``v_base``
       from the LoRA-disabled transformer (needs ``finetune.mode: lora``).
     - ``reward_grad_clip``: clip each image's reward gradient to this L2 norm (None: off).
+    - ``cfg_grad`` (classifier-free guidance only): ``full``, the exact gradient through both
+      branches of the guided velocity (DRaFT's definition); ``cond``, the unconditional branch
+      without gradient: saves memory, but an approximation of the reward's gradient.
     """
 
     k: int = 1
@@ -61,6 +65,7 @@ class DraftConfig:
     lv_n: int = 0
     anchor_weight: float = 0.0
     reward_grad_clip: float | None = None
+    cfg_grad: str = "full"
     seed: int = 0
 
     def validate(
@@ -83,6 +88,8 @@ class DraftConfig:
             raise ValueError(f"{path}.lv_n={self.lv_n} (DRaFT-LV) needs {path}.k=1, k_mode=fixed")
         if self.anchor_weight < 0:
             raise ValueError(f"{path}.anchor_weight={self.anchor_weight} must be >= 0")
+        if self.cfg_grad not in CFG_GRAD:
+            raise ValueError(f"{path}.cfg_grad={self.cfg_grad!r} must be one of {CFG_GRAD}")
         if self.reward_grad_clip is not None and self.reward_grad_clip <= 0:
             raise ValueError(f"{path}.reward_grad_clip={self.reward_grad_clip} must be > 0")
         if sampler is not None and self.k > sampler.steps:
@@ -222,11 +229,30 @@ def rollout_images(
         cond = cond.repeat(draft.lv_n)
         prompts = [p for p in prompts for _ in range(draft.lv_n)]
         out = rollout(
-            model, x, cond, timesteps, sigmas, 1, sampler.guidance_scale, reference, start=n - 1
+            model,
+            x,
+            cond,
+            timesteps,
+            sigmas,
+            1,
+            sampler.guidance_scale,
+            reference,
+            start=n - 1,
+            cfg_grad=draft.cfg_grad,
         )
         k = 1
     else:
-        out = rollout(model, x, cond, timesteps, sigmas, k, sampler.guidance_scale, reference)
+        out = rollout(
+            model,
+            x,
+            cond,
+            timesteps,
+            sigmas,
+            k,
+            sampler.guidance_scale,
+            reference,
+            cfg_grad=draft.cfg_grad,
+        )
     return Rollout(gen.decode(out.latents), prompts, out.anchor, k)
 
 

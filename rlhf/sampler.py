@@ -91,16 +91,27 @@ def initial_latents(
     return randn_tensor(shape, generator=generators, device=gen.device, dtype=gen.dtype)
 
 
+CFG_GRAD = ("full", "cond")
+
+
 def velocity(
     model: Callable,
     x: torch.Tensor,
     t: torch.Tensor,
     cond: PromptEmbeds,
     guidance_scale: float,
+    cfg_grad: str = "full",
 ) -> torch.Tensor:
     """The model's velocity ``v (B, C, h, w)`` at timestep ``t``, with CFG if
-    ``guidance_scale > 1``: the conditional branch carries the gradient (if enabled), the
-    unconditional branch never does."""
+    ``guidance_scale > 1``: ``v_u + guidance_scale * (v_c - v_u)``.
+
+    ``cfg_grad`` (with gradient enabled): ``full`` backpropagates through both branches, the
+    exact gradient of the guided sample (DRaFT's definition); ``cond`` runs the unconditional
+    branch without gradient, which saves its activations but is an approximation (the
+    gradient misses the ``(1 - guidance_scale) * dv_u`` term).
+    """
+    if cfg_grad not in CFG_GRAD:
+        raise ValueError(f"cfg_grad={cfg_grad!r} must be one of {CFG_GRAD}")
 
     def call(x_, embeds, pooled):
         return model(
@@ -113,7 +124,7 @@ def velocity(
 
     if guidance_scale <= 1:
         return call(x, cond.embeds, cond.pooled)
-    if not torch.is_grad_enabled():
+    if cfg_grad == "full" or not torch.is_grad_enabled():
         # Batched like the pipeline, so no-grad sampling matches it bit for bit.
         both = call(
             torch.cat([x, x]),
@@ -155,10 +166,12 @@ def rollout(
     guidance_scale: float = 0.0,
     base_velocity: Callable | None = None,
     start: int = 0,
+    cfg_grad: str = "full",
 ) -> RolloutResult:
     """Euler steps ``start .. N-1``; the first ``N-K-start`` under ``torch.no_grad()``, the
     last ``K`` with gradient (if grad mode is on). The latent entering step ``N-K`` is a
-    detached leaf, so the earlier steps contribute nothing to any gradient.
+    detached leaf, so the earlier steps contribute nothing to any gradient. ``cfg_grad``: see
+    :func:`velocity`.
 
     ``base_velocity``: the reference model for the anchor penalty, called like ``model``
     (same keyword arguments, same conditioning and guidance), always without gradient.
@@ -177,7 +190,7 @@ def rollout(
         else:
             if i == first_grad:
                 x = x.detach()
-            v = velocity(model, x, t, cond, guidance_scale)
+            v = velocity(model, x, t, cond, guidance_scale, cfg_grad)
             if base_velocity is not None and torch.is_grad_enabled():
                 with torch.no_grad():
                     v_ref = velocity(base_velocity, x.detach(), t, cond, guidance_scale)
