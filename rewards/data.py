@@ -112,8 +112,7 @@ class TripletDataset(Dataset):
     def _mark_bad(self, i: int, why: str) -> None:
         if i not in self._bad:
             self._bad.add(i)
-            # One line per row is for -v; callers report the count (num_skipped).
-            log.info("skipping triplet %d: %s", i, why)
+            log.warning("skipping triplet %d: %s", i, why)
 
     def __getitem__(self, i: int) -> dict | None:
         row = self.frame.iloc[i]

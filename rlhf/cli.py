@@ -120,7 +120,8 @@ def init_ray(verbose: bool = False) -> None:
         address = os.environ.get("RAY_ADDRESS")
         print(f"connecting to Ray at {address}" if address else "starting a local Ray...")
         ray.init(
-            address=address,
+            # "local": a new Ray, never whatever cluster `ray start` left on this machine.
+            address=address or "local",
             configure_logging=False,
             runtime_env=console.ray_runtime_env(verbose),
         )

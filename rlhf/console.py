@@ -9,6 +9,7 @@ to them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -65,6 +66,17 @@ def setup(verbose: bool | None = None) -> None:
             lg.setLevel(logging.ERROR)
     logging.captureWarnings(True)  # warnings go through "py.warnings": shown with -v only
     warnings.simplefilter("default" if verbose else "ignore")
+
+
+@contextlib.contextmanager
+def library_prints():
+    """Hide what a library ``print``s (DeepSpeed's "... op built successfully" when it sets up
+    its process group) unless ``-v``."""
+    if os.environ.get(VERBOSE_ENV) == "1":
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        yield
 
 
 def ray_runtime_env(verbose: bool) -> dict:

@@ -111,17 +111,21 @@ def build_engine(
     import deepspeed
     import torch.distributed as dist
 
+    from rlhf.console import library_prints
+
     cfg.validate()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend)
+        with library_prints():
+            deepspeed.init_distributed(dist_backend=backend)
     params = [p for p in transformer.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the transformer has no trainable parameters (see finetune.mode)")
     on_cuda = params[0].device.type == "cuda"
     bf16 = finetune_mode == "full" and on_cuda and params[0].dtype == torch.bfloat16
     ds_cfg = deepspeed_config(cfg, micro_batch, finetune_mode, bf16, dist.get_world_size())
-    engine, *_ = deepspeed.initialize(model=transformer, model_parameters=params, config=ds_cfg)
+    with library_prints():
+        engine, *_ = deepspeed.initialize(model=transformer, model_parameters=params, config=ds_cfg)
     log.info(
         "DeepSpeed ZeRO-%d engine: %d trainable tensors, world %d",
         ds_cfg["zero_optimization"]["stage"],

@@ -32,7 +32,7 @@ from rewards.training import (
     run_training,
     total_steps,
 )
-from rlhf import tracking
+from rlhf import console, tracking
 from rlhf.config import bind, flatten
 from rlhf.export import load_deepspeed_checkpoint
 
@@ -92,19 +92,20 @@ def deepspeed_engine(cfg: RewardTrainConfig, module: nn.Module, optimizer, sched
     ``torch.load(weights_only=True)``, as the fine-tuning resume does. Collective."""
     import deepspeed
 
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=module,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config={
-            "train_micro_batch_size_per_gpu": cfg.optim.batch_size,
-            "gradient_accumulation_steps": 1,
-            "gradient_clipping": cfg.optim.grad_clip,
-            "zero_optimization": {"stage": cfg.scaling.zero_stage},
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 10**9,
-        },
-    )
+    with console.library_prints():
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=module,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config={
+                "train_micro_batch_size_per_gpu": cfg.optim.batch_size,
+                "gradient_accumulation_steps": 1,
+                "gradient_clipping": cfg.optim.grad_clip,
+                "zero_optimization": {"stage": cfg.scaling.zero_stage},
+                "zero_allow_untested_optimizer": True,
+                "steps_per_print": 10**9,
+            },
+        )
     if resume_from is not None:
         load_deepspeed_checkpoint(engine, resume_from, DS_TAG)
     return engine, optimizer, scheduler
@@ -121,8 +122,7 @@ def train_func(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    # open_clip warns (root logger) for every randomly initialised tiny model.
-    logging.getLogger().setLevel(logging.ERROR)
+    console.setup()  # -v (RLHF_VERBOSE) decides what this worker's libraries may print
     cfg = bind(RewardTrainConfig, config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

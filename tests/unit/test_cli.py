@@ -51,8 +51,13 @@ def _runs(uri: str) -> list:
 
 
 def _one_line(err: str) -> str:
-    """The stderr lines but tqdm's (a bar redraws with \\r and clears itself)."""
-    lines = [s for s in re.split(r"[\r\n]", err) if s.strip() and "it/s]" not in s]
+    """The stderr lines but tqdm's (a bar redraws with \\r and clears itself) and our
+    warnings (skipped rows)."""
+    lines = [
+        s
+        for s in re.split(r"[\r\n]", err)
+        if s.strip() and "it/s]" not in s and not s.startswith("WARNING rewards.")
+    ]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
 
