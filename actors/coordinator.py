@@ -142,6 +142,7 @@ class Coordinator:
         self.rebuilds = 0
         self.last_logged = -1  # steps up to here are in MLflow already (resume, rebuild)
         self.high_water = -1  # the highest step logged by this process
+        self._pending_logs: list = []  # mlflow RunOperations of asynchronous metric logging
 
     # ------------------------------------------------------------------ set-up
 
@@ -272,12 +273,20 @@ class Coordinator:
 
         if step <= self.last_logged:
             return  # already in MLflow from before a resume or rebuild
-        mlflow.log_metrics(
+        op = mlflow.log_metrics(
             {tracking.metric_key(k): float(v) for k, v in metrics.items()},
             step=step,
             synchronous=False,  # off the step's critical path; flushed before each checkpoint
         )
+        self._pending_logs.append(op)
         self.high_water = max(self.high_water, step)
+
+    def _flush_logs(self) -> None:
+        """Wait for the asynchronous metric logging; raises if any of it failed (MLflow
+        unreachable): MLflow only logs such failures, and the run would go on unrecorded."""
+        ops, self._pending_logs = self._pending_logs, []
+        for op in ops:
+            op.wait()
 
     def _progress(self, step: int, m: dict, t0: float, start: int) -> None:
         total = self.cfg.train.max_steps
@@ -338,7 +347,7 @@ class Coordinator:
 
         # Every step up to a checkpoint is in MLflow before the checkpoint exists: a resume
         # from it then never leaves a gap in the metric series.
-        mlflow.flush_async_logging()
+        self._flush_logs()
         folder = self.run_dir / "checkpoints" / f"step_{step:06d}"
         export = folder / "export"
         is_best = eval_reward is not None and (self.best is None or eval_reward > self.best)
@@ -445,7 +454,7 @@ class Coordinator:
                     if step % cfg.train.checkpoint_every and not final:
                         self.checkpoint(step, ev["eval/reward"])
                     break
-            mlflow.flush_async_logging()
+            self._flush_logs()
             before, after, versions = self._logged_results()
             summary = {
                 "run_id": self.run_id,
@@ -549,8 +558,8 @@ def _end_run(status: str) -> None:
 
     try:
         mlflow.end_run(status=status)
-    except Exception:
-        log.warning("could not mark the MLflow run %s", status, exc_info=True)
+    except Exception as e:
+        log.debug("could not mark the MLflow run %s: %s", status, e, exc_info=True)
 
 
 def summary_lines(s: dict) -> list[str]:

@@ -4,6 +4,7 @@ resume whose checkpoints are gone, and a worker dying past the rebuild limit eac
 run id and the resume command, never a silent retrain."""
 
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -15,7 +16,7 @@ import pytest
 import ray
 from mlflow import MlflowClient
 
-from tests.integration.conftest import ROOT
+from tests.integration.conftest import ROOT, start_mlflow_server, stop
 
 pytestmark = pytest.mark.integration
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -216,3 +217,51 @@ def test_worker_dying_past_the_rebuild_limit_ends_in_one_line_with_the_resume_co
     ), last
     assert "Traceback" in proc.stderr  # -v shows it
     assert client.get_run(run_id).info.status == "FAILED"
+
+
+def test_mlflow_going_away_mid_run_ends_in_one_line_with_the_resume_command(ray_local, tmp_path):
+    server, uri = start_mlflow_server(tmp_path)
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",  # fail in seconds, not after minutes of retries
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+    }
+    runs = tmp_path / "runs"
+    args = _finetune(
+        runs,
+        "eval_rewards=[]",
+        "train.max_steps=50",
+        "train.checkpoint_every=2",
+        "mlflow.experiment=gone",
+        "mlflow.register_as=null",
+    )
+    proc = _rlhf(*args, env=env)
+    try:
+        deadline = time.time() + 300
+        while not list(runs.glob("*/checkpoints/step_000002/manifest.json")):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "no checkpoint at step 2 in time"
+            time.sleep(0.5)
+        client = MlflowClient(uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("gone").experiment_id])
+        run_id = run.info.run_id
+        stop(server, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        stop(server)
+        if proc.poll() is None:
+            stop(proc, signal.SIGKILL)
+    assert proc.returncode == 1, out
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    failed = re.match(rf"error: run {run_id} failed after step (\d+): MlflowException: ", line)
+    assert failed, out
+    # Stopped at the next checkpoint (not after 50 unlogged steps), and wrote none that
+    # claims steps MLflow does not have.
+    step = int(failed[1])
+    assert step < 50 and not list(runs.glob(f"*/checkpoints/step_{step:06d}"))
+    assert line.endswith(
+        f"; resume with: MLFLOW_TRACKING_URI={uri} rlhf finetune --resume {run_id}"
+    )
+    assert "Traceback" not in out

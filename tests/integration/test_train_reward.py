@@ -1,11 +1,6 @@
 """Reward training as a real 2-worker Ray Train job against real MLflow stores."""
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -25,6 +20,7 @@ from rewards.training import (
     make_dataset,
 )
 from rlhf.train_reward import run_job
+from tests.integration.conftest import free_port
 
 pytestmark = pytest.mark.integration
 TINY = {"backbone": "tiny"}
@@ -100,55 +96,6 @@ def test_deepspeed_zero2_strategy_runs(tmp_path, ray_local, mlflow_store):
     assert summary["steps"] == 2 and summary["version"] >= 1
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path, monkeypatch):
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "server_artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not start")
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        monkeypatch.chdir(tmp_path)
-        yield uri
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-
-
 def test_against_a_real_mlflow_server(tmp_path, ray_local, mlflow_server):
     import mlflow
 
@@ -168,7 +115,7 @@ def _one_update(cfg, batch_size_total, world, tmp_path):
     out = tmp_path / f"w{world}.pt"
     mp.spawn(
         _equiv_worker,
-        args=(world, cfg, batch_size_total // world, str(out), _free_port()),
+        args=(world, cfg, batch_size_total // world, str(out), free_port()),
         nprocs=world,
     )
     return torch.load(out, weights_only=True)
