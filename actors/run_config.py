@@ -18,7 +18,7 @@ from pathlib import Path
 from actors.options import ActorResources
 from actors.reward_server import ServerConfig
 from rewards.errors import ConfigError
-from rewards.registry import RewardSpec
+from rewards.registry import EVAL_ONLY, RewardSpec
 from rlhf.policy_config import PolicyConfig
 
 PROMPT_SUFFIXES = (".txt", ".parquet", ".csv", ".jsonl")
@@ -170,6 +170,11 @@ class RunConfig:
         if not any(s.weight != 0 for s in specs):
             raise ValueError("rewards: every weight is 0; nothing to optimise")
         for i, s in enumerate(specs):
+            if s.name in EVAL_ONLY:
+                raise ValueError(
+                    f"rewards[{i}].name={s.name} is an evaluator, not a training reward: "
+                    "put it in eval_rewards"
+                )
             if s.weight < 0 and not self.allow_negative_weights:
                 raise ValueError(
                     f"rewards[{i}].weight={s.weight} is negative: set allow_negative_weights=true "

@@ -126,7 +126,12 @@ class Tower:
 
 
 class OpenClipBackbone(ClipBackbone):
-    def __init__(self, model_name: str, pretrained: str | None = None):
+    """An open_clip model. ``tokenizer``: a local ``CLIPTokenizer`` folder to use instead of
+    open_clip's own (the world CLIP's small vocabulary)."""
+
+    def __init__(
+        self, model_name: str, pretrained: str | None = None, tokenizer: str | None = None
+    ):
         super().__init__()
         import open_clip
 
@@ -138,7 +143,9 @@ class OpenClipBackbone(ClipBackbone):
             strict_load(self.model, load_state_dict_file(pretrained), what=str(pretrained))
         else:
             self.model = open_clip.create_model(model_name, pretrained=pretrained or None)
-        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.tokenizer = (
+            _FolderTokenizer(tokenizer) if tokenizer else open_clip.get_tokenizer(model_name)
+        )
         size = self.model.visual.image_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         self.mean = tuple(getattr(self.model.visual, "image_mean", None) or OPENAI_CLIP_MEAN)
@@ -248,8 +255,29 @@ def _features(out) -> torch.Tensor:
     raise TypeError(f"unexpected CLIP output {type(out).__name__}")
 
 
+class _FolderTokenizer:
+    """A saved ``CLIPTokenizer`` called like open_clip's: texts -> ``(B, context)`` ids,
+    padded with its pad token (end-of-text) to ``model_max_length``."""
+
+    def __init__(self, folder: str | os.PathLike):
+        from transformers import CLIPTokenizer
+
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"backbone tokenizer folder {folder} does not exist")
+        self.tok = CLIPTokenizer.from_pretrained(str(folder))
+
+    def __call__(self, texts) -> torch.Tensor:
+        return self.tok(
+            list(texts),
+            padding="max_length",
+            max_length=self.tok.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+
+
 def build_backbone(spec: BackboneSpec | dict | None) -> ClipBackbone:
     spec = spec if isinstance(spec, BackboneSpec) else BackboneSpec.from_dict(spec)
     if spec.kind == "open_clip":
-        return OpenClipBackbone(spec.model, spec.pretrained or None)
+        return OpenClipBackbone(spec.model, spec.pretrained or None, **spec.extra)
     return HFClipBackbone(spec.model, load_weights=bool(spec.pretrained), **spec.extra)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rewards import world
 from rewards.backbones import TINY_HF_CLIP_DIR, TINY_OPEN_CLIP, BackboneSpec, build_backbone
 from rewards.base import RewardModel, check_images
 from rewards.checkpoints import find_file, load_state_dict_file, strict_load
@@ -42,6 +43,13 @@ _MLFLOW_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/")
 _BACKBONE_ALIASES = {
     "tiny": {"kind": "open_clip", "model": TINY_OPEN_CLIP},
     "tiny-hf": {"kind": "hf", "model": str(TINY_HF_CLIP_DIR)},
+    # The miniature world's pretrained CLIP (rlhf world build), with its own tokenizer.
+    "world": {
+        "kind": "open_clip",
+        "model": "world-clip",
+        "pretrained": str(world.CLIP_DIR / "open_clip.safetensors"),
+        "extra": {"tokenizer": str(world.CLIP_DIR / "tokenizer")},
+    },
 }
 PAPER_BACKBONE = {"kind": "open_clip", "model": "ViT-H-14", "pretrained": "laion2b_s32b_b79k"}
 
@@ -292,6 +300,15 @@ def _build_ict_hp(options: dict, ckpt: Path | None) -> RewardModel:
     return _tag(model, "ict_hp", options)
 
 
+def _build_geneval_mini(options: dict, ckpt: Path | None) -> RewardModel:
+    from rewards.world.geneval import GenEvalMini
+    from rewards.world.judge import Judge
+
+    if options:
+        raise ConfigError(f"geneval_mini takes no options, got {sorted(options)}")
+    return _tag(GenEvalMini(Judge.load(ckpt or world.JUDGE_DIR)), "geneval_mini", options)
+
+
 BUILTINS: dict[str, tuple[Callable, str]] = {
     "ict": (_build_cosine("ict", PAPER_BACKBONE), "ICT: cosine of a CLIP fine-tuned on ICT labels"),
     "hp": (_build_hp, "HP: CLIP image tower + MLP head, sigmoid score (image only)"),
@@ -310,7 +327,13 @@ BUILTINS: dict[str, tuple[Callable, str]] = {
         "HPSv2: open_clip ViT-H-14 + HPS_v2(.1)_compressed.pt from xswu/HPSv2, cosine",
     ),
     "aesthetic": (_build_aesthetic, "LAION aesthetic MLP on CLIP ViT-L/14 image features"),
+    "geneval_mini": (
+        _build_geneval_mini,
+        "GenEval in miniature: the world's judge, 1 if an image meets its prompt (eval only)",
+    ),
 }
+# Evaluators: scored at evaluation only, refused among the rewards that are optimised.
+EVAL_ONLY = frozenset({"geneval_mini"})
 # Built-ins whose weights come from a fixed hub id when no checkpoint is given (hpsv2 fetches
 # its one file itself).
 _DEFAULT_CHECKPOINTS: dict[str, str] = {}

@@ -6,6 +6,7 @@ Known errors (bad config, bad data, missing files) print one line and exit with 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import traceback
@@ -174,6 +175,34 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def cmd_world_build(args) -> int:
+    from rewards.world import ASSETS
+    from rlhf.world.build import STAGES, build_world
+
+    stages = tuple(args.stages.split(",")) if args.stages else STAGES
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise ConfigError(f"--stages: unknown stage(s) {unknown} (known: {', '.join(STAGES)})")
+    out = Path(args.out) if args.out else ASSETS
+    result = build_world(out, scale=args.scale, seed=args.seed, stages=stages)
+    print(json.dumps(result["report"], indent=2))
+    print(f"world in {out} (manifest.json lists every file with its sha256)")
+    return 0
+
+
+def cmd_world_verify(args) -> int:
+    from rewards.world import ASSETS
+    from rlhf.world.build import verify_manifest
+
+    out = Path(args.out) if args.out else ASSETS
+    bad = verify_manifest(out)
+    if bad:
+        print(f"error: {len(bad)} file(s) differ from {out}/manifest.json: {bad}", file=sys.stderr)
+        return 1
+    print(f"{out}: every file matches manifest.json")
+    return 0
+
+
 DESCRIPTION = """\
 Train reward models for text-to-image generation (ICT, HP) and fine-tune Stable Diffusion 3.5
 against them with DRaFT-K, on one machine or a Ray cluster, tracked in MLflow."""
@@ -275,6 +304,24 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=10")
     f.add_argument("--resume", metavar="RUN_ID", help="continue an MLflow run from its checkpoint")
     f.set_defaults(func=cmd_finetune)
+
+    w = _parser(sub, "world", "the miniature world: pretrained tiny CLIP, SD3 and judge")
+    ws = w.add_subparsers(dest="world_cmd", required=True, metavar="COMMAND")
+    wb = _parser(ws, "build", "build the world from scratch, seeded (about 30 min on 2 cores)")
+    wb.add_argument(
+        "--out",
+        default=None,
+        help="folder to build into (default: the shipped rewards/world/assets)",
+    )
+    wb.add_argument("--scale", choices=("full", "toy"), default="full", help="toy: the CI recipe")
+    wb.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    wb.add_argument(
+        "--stages", default=None, help="comma-separated subset of clip,judge,vae,sd3,report"
+    )
+    wb.set_defaults(func=cmd_world_build)
+    wv = _parser(ws, "verify", "check the world's files against its manifest")
+    wv.add_argument("--out", default=None, help="the world folder (default: the shipped one)")
+    wv.set_defaults(func=cmd_world_verify)
     return p
 
 

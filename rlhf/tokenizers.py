@@ -15,23 +15,10 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
+from rewards.bpe import bytes_to_unicode
+
 # 49152 - 256 - 2 merges: the count OpenAI's CLIP uses from this file.
 _N_MERGES = 49152 - 256 - 2
-
-
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2/CLIP's printable characters for the 256 byte values, in CLIP's vocabulary order
-    (printable bytes first, the rest after)."""
-    bs = list(range(ord("!"), ord("~") + 1))
-    bs += list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
 
 
 @functools.lru_cache(maxsize=1)
@@ -42,7 +29,7 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
     lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")
     merges = [tuple(m.split()) for m in lines[1 : _N_MERGES + 1]]
-    chars = _bytes_to_unicode()
+    chars = bytes_to_unicode()
     tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     return {t: i for i, t in enumerate(tokens)}, merges

@@ -203,7 +203,9 @@ def describe(scene: Scene, rng: np.random.Generator) -> str:
         a, b = objs
         rel = _relation(a, b, rng)
         if rel is not None:
-            text = f"{_article(a.colour + ' ' + a.shape)} {rel} {_article(b.colour + ' ' + b.shape)}"
+            text = (
+                f"{_article(a.colour + ' ' + a.shape)} {rel} {_article(b.colour + ' ' + b.shape)}"
+            )
             return refine_prompt(text, scene.detail) if scene.detail else text
     groups: dict[tuple[str, str], int] = {}
     for o in objs:
@@ -211,7 +213,9 @@ def describe(scene: Scene, rng: np.random.Generator) -> str:
     parts = []
     for (colour, shape), k in groups.items():
         parts.append(
-            _article(f"{colour} {shape}") if k == 1 else f"{COUNT_WORDS[k]} {colour} {PLURAL[shape]}"
+            _article(f"{colour} {shape}")
+            if k == 1
+            else f"{COUNT_WORDS[k]} {colour} {PLURAL[shape]}"
         )
     text = " and ".join(parts)
     return refine_prompt(text, scene.detail) if scene.detail else text
@@ -300,3 +304,43 @@ def render(scene: Scene, rng: np.random.Generator | None = None, noise: float = 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def parse_prompt(text: str) -> Spec:
+    """The :class:`Spec` of an easy prompt (a refined prompt's detail, after the first comma,
+    is ignored): the inverse of :meth:`Spec.prompt`. Raises ``ValueError`` for text outside
+    the grammar."""
+    words = text.split(",")[0].strip().lower().split()
+    singular = {p: s for s, p in PLURAL.items()}
+    numbers = {w: n for n, w in COUNT_WORDS.items()}
+
+    def noun(ws: list[str]) -> tuple[str | None, str] | None:
+        # "a circle", "an orange square" -> (colour, shape)
+        if len(ws) == 2 and ws[0] in ("a", "an") and ws[1] in SHAPES:
+            return None, ws[1]
+        if len(ws) == 3 and ws[0] in ("a", "an") and ws[1] in COLOURS and ws[2] in SHAPES:
+            return ws[1], ws[2]
+        return None
+
+    if len(words) == 2 and words[0] in numbers:
+        n, w = numbers[words[0]], words[1]
+        shape = w if n == 1 and w in SHAPES else singular.get(w) if n > 1 else None
+        if shape:
+            return Spec("counting", [shape], [None], count=n)
+    one = noun(words)
+    if one:
+        return Spec("single_object" if one[0] is None else "colors", [one[1]], [one[0]])
+    if "and" in words:
+        i = words.index("and")
+        a, b = noun(words[:i]), noun(words[i + 1 :])
+        if a and b and (a[0] is None) == (b[0] is None):
+            cat = "two_object" if a[0] is None else "color_attr"
+            return Spec(cat, [a[1], b[1]], [a[0], b[0]])
+    for rel in RELATIONS:
+        r = rel.split()
+        for i in range(1, len(words)):
+            if words[i : i + len(r)] == r:
+                a, b = noun(words[:i]), noun(words[i + len(r) :])
+                if a and b and a[0] is None and b[0] is None:
+                    return Spec("position", [a[1], b[1]], [None, None], relation=rel)
+    raise ValueError(f"prompt {text!r} is not in the world's grammar (see rewards/world/scenes.py)")

@@ -1,0 +1,284 @@
+"""``rlhf world build``: the miniature world from scratch, seeded, stage by stage.
+
+Stages (each writes a folder under ``out`` and is skipped when that folder is complete):
+
+1. ``clip``   the tiny open_clip CLIP, contrastive on renders (+ its tokenizer);
+2. ``judge``  GenEval-mini, a detector trained on renders (evaluation only);
+3. ``vae``    a tiny ``AutoencoderKL`` (factor 4, 4 latent channels) trained on renders;
+4. ``sd3``    an SD3 transformer, flow matching on the VAE's latents of renders, the CLIP's
+              text tower in both text-encoder slots: a diffusers folder;
+5. ``report`` held-out figures: CLIP caption choice, judge accuracy, the base generator's
+              GenEval-mini, into ``report.json``; and ``manifest.json``: size and sha256 of
+              every file, the command and the seconds each stage took.
+
+``--scale toy`` builds the same recipe at toy size (the CI test); ``full`` is what ships in
+``rewards/world/assets`` (CLIP, judge) and ``rlhf/world/assets/sd3``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rewards.world import scenes as S
+
+log = logging.getLogger(__name__)
+
+STAGES = ("clip", "judge", "vae", "sd3", "report")
+
+
+@dataclass
+class Recipe:
+    """Sizes and steps of every stage; ``full`` fits ≤ 30 min on 2 idle cores."""
+
+    clip_pairs: int = 12000
+    clip_steps: int = 500
+    clip_batch: int = 96
+    judge_train: int = 12000
+    judge_steps: int = 1500
+    sd3_images: int = 12000
+    vae_steps: int = 500
+    vae_batch: int = 16
+    sd3_steps: int = 1500
+    sd3_batch: int = 32
+    eval_prompts: int = 120
+    sample_steps: int = 10
+    guidance: float = 3.0
+
+    @classmethod
+    def for_scale(cls, scale: str) -> Recipe:
+        if scale == "full":
+            return cls()
+        if scale == "toy":
+            return cls(
+                clip_pairs=256,
+                clip_steps=8,
+                clip_batch=16,
+                judge_train=256,
+                judge_steps=8,
+                sd3_images=128,
+                vae_steps=4,
+                vae_batch=8,
+                sd3_steps=6,
+                sd3_batch=8,
+                eval_prompts=12,
+                sample_steps=2,
+            )
+        raise ValueError(f"scale={scale!r} must be 'full' or 'toy'")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_table(root: Path) -> dict[str, dict]:
+    return {
+        str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name not in ("manifest.json",)
+    }
+
+
+def verify_manifest(root: str | Path) -> list[str]:
+    """Files under ``root`` whose size or hash differs from ``manifest.json`` (or are missing)."""
+    root = Path(root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    bad = []
+    for name, want in manifest["files"].items():
+        p = root / name
+        if not p.is_file() or p.stat().st_size != want["bytes"] or sha256(p) != want["sha256"]:
+            bad.append(name)
+    return bad
+
+
+def _done(folder: Path) -> bool:
+    return (folder / ".complete").is_file()
+
+
+def _finish(tmp: Path, folder: Path) -> None:
+    (tmp / ".complete").write_text("")
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+def _sd3_data(n: int, seed: int):
+    """Renders and captions for the generator: easy prompts drawn plainly (most), refined
+    prompts drawn with their detail, and full descriptions of either."""
+    images = np.empty((n, S.SIZE, S.SIZE, 3), np.uint8)
+    captions = []
+    for i in range(n):
+        rng = np.random.default_rng((seed, 7, i))
+        spec = S.sample_spec(rng)
+        u = rng.random()
+        detail = S.sample_detail(rng) if u >= 0.6 else None
+        scene = S.scene_for(spec, rng, detail)
+        images[i] = S.to_uint8(S.render(scene, rng))
+        if u < 0.6:
+            captions.append(spec.prompt())
+        elif u < 0.85:
+            captions.append(S.refine_prompt(spec.prompt(), detail))
+        else:
+            captions.append(S.describe(scene, rng))
+    return images, captions
+
+
+def eval_specs(n: int, seed: int = 4242) -> list[S.Spec]:
+    """Held-out easy prompts, the six categories in turn (GenEval's balance)."""
+    rng = np.random.default_rng(seed)
+    return [S.sample_spec(rng, S.CATEGORIES[i % len(S.CATEGORIES)]) for i in range(n)]
+
+
+def build_world(out: str | Path, scale: str = "full", seed: int = 0, stages=STAGES) -> dict:
+    from rewards.world import clip as C
+    from rewards.world import judge as J
+    from rlhf.world import sd3 as W
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = Recipe.for_scale(scale)
+    progress = True
+    timings: dict[str, float] = {}
+    clip_dir, judge_dir, sd3_dir = out / "clip", out / "judge", out / "sd3"
+
+    if "clip" in stages and not _done(clip_dir):
+        t = time.time()
+        model, tok, cfg = C.train_clip(
+            recipe.clip_pairs,
+            recipe.clip_steps,
+            recipe.clip_batch,
+            lr=2e-3,
+            seed=seed,
+            scale=scale,
+            progress=progress,
+        )
+        tmp = out / ".clip.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        C.save_clip(model, tok, cfg, tmp)
+        _finish(tmp, clip_dir)
+        timings["clip"] = time.time() - t
+        print(f"[world] clip: {timings['clip']:.0f} s", flush=True)
+
+    if "judge" in stages and not _done(judge_dir):
+        t = time.time()
+        judge = J.train_judge(n_train=recipe.judge_train, steps=recipe.judge_steps, seed=seed)
+        tmp = out / ".judge.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        judge.save(tmp)
+        _finish(tmp, judge_dir)
+        timings["judge"] = time.time() - t
+        print(f"[world] judge: {timings['judge']:.0f} s", flush=True)
+
+    vae_dir = out / "vae"
+    if ("vae" in stages or "sd3" in stages) and not _done(vae_dir):
+        t = time.time()
+        images, _ = _sd3_data(recipe.sd3_images, seed)
+        vae = W.train_vae(
+            images, recipe.vae_steps, recipe.vae_batch, seed=seed, scale=scale, progress=progress
+        )
+        tmp = out / ".vae.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        vae.save_pretrained(str(tmp), safe_serialization=True)
+        _finish(tmp, vae_dir)
+        timings["vae"] = time.time() - t
+        print(f"[world] vae: {timings['vae']:.0f} s", flush=True)
+
+    if "sd3" in stages and not _done(sd3_dir):
+        from diffusers import AutoencoderKL
+
+        t = time.time()
+        model, tok = C.load_clip(clip_dir)
+        text_encoder = C.hf_text_encoder(model, tok)
+        images, captions = _sd3_data(recipe.sd3_images, seed)
+        vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval().requires_grad_(False)
+        latents = W.encode_latents(vae, images)
+        pipe = W.build_pipeline(
+            vae, W.new_transformer(text_encoder, scale, seed), text_encoder, tok
+        )
+        W.train_transformer(
+            pipe,
+            latents,
+            captions,
+            recipe.sd3_steps,
+            recipe.sd3_batch,
+            seed=seed,
+            progress=progress,
+        )
+        tmp = out / ".sd3.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        W.save_pipeline(pipe, tmp)
+        _finish(tmp, sd3_dir)
+        timings["sd3"] = time.time() - t
+        print(f"[world] sd3: {timings['sd3']:.0f} s", flush=True)
+
+    report = {}
+    if "report" in stages:
+        t = time.time()
+        report = world_report(out, recipe)
+        timings["report"] = time.time() - t
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    old = {}
+    if (out / "manifest.json").is_file():
+        old = json.loads((out / "manifest.json").read_text()).get("seconds", {})
+    manifest = {
+        "command": f"rlhf world build {out} --scale {scale} --seed {seed}",
+        "recipe": asdict(recipe),
+        "seconds": {**old, **{k: round(v, 1) for k, v in timings.items()}},
+        "files": file_table(out),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return {"report": report, "manifest": manifest}
+
+
+def world_report(out: Path, recipe: Recipe) -> dict:
+    from rewards.world import clip as C
+    from rewards.world import judge as J
+
+    model, tok = C.load_clip(out / "clip")
+    judge = J.Judge.load(out / "judge")
+    n = max(50, recipe.eval_prompts * 2)
+    report = {
+        "clip_caption_choice": C.caption_choice_accuracy(model, tok, n=n),
+        "judge": J.evaluate_judge(judge, n=n),
+    }
+    specs = eval_specs(recipe.eval_prompts)
+    images = sample_world(out / "sd3", [s.prompt() for s in specs], recipe)
+    report["generator_geneval_mini"] = judge.score(specs, images)
+    report["generator_geneval_mini"].pop("per_image", None)
+    return report
+
+
+@torch.no_grad()
+def sample_world(sd3_dir: Path, prompts: list[str], recipe: Recipe, seed: int = 0) -> torch.Tensor:
+    """``(B, 3, 64, 64)`` in [0, 1]: the project's own sampler on the world generator."""
+    from rlhf.generator import GeneratorConfig, load_generator
+    from rlhf.sampler import SamplerConfig, sample
+
+    gen = load_generator(
+        GeneratorConfig(model=str(sd3_dir), load_t5=False, gradient_checkpointing=False), None
+    )
+    cfg = SamplerConfig(
+        steps=recipe.sample_steps,
+        guidance_scale=recipe.guidance,
+        height=S.SIZE,
+        width=S.SIZE,
+        max_sequence_length=1,
+    )
+    out = []
+    for i in range(0, len(prompts), 32):
+        chunk = prompts[i : i + 32]
+        seeds = list(range(seed + i, seed + i + len(chunk)))
+        out.append(sample(gen.transformer, gen, chunk, seeds, cfg))
+    return torch.cat(out)

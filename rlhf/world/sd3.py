@@ -1,0 +1,225 @@
+"""The world's tiny SD3: a VAE and an SD3 transformer pretrained with flow matching on rendered
+scenes, with the world CLIP's text tower in both CLIP text-encoder slots (no T5), saved as a
+diffusers folder that ``policy.generator.model`` loads like any other.
+
+Training follows SD3's recipe at toy size: latents ``(z - shift) * scale`` from the frozen VAE,
+``x_t = (1 - t) x_0 + t ε`` with ``t`` logit-normal, the transformer regresses ``ε - x_0``;
+10% of captions are dropped to the empty prompt so classifier-free guidance works.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+SCHEDULER = {"num_train_timesteps": 1000, "shift": 1.0}
+
+
+def vae_config(scale: str = "full") -> dict:
+    ch = [16, 32, 32] if scale == "full" else [8, 16, 16]
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * 3,
+        "up_block_types": ["UpDecoderBlock2D"] * 3,
+        "block_out_channels": ch,
+        "layers_per_block": 1,
+        "act_fn": "silu",
+        "latent_channels": 4,
+        "norm_num_groups": 8,
+        "sample_size": 64,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+    }
+
+
+def transformer_config(text_width: int, pooled_dim: int, scale: str = "full") -> dict:
+    """Two CLIP slots of ``text_width`` features each are concatenated (SD3's layout)."""
+    layers, heads = (4, 3) if scale == "full" else (1, 2)
+    return {
+        "sample_size": 16,
+        "patch_size": 2,
+        "in_channels": 4,
+        "out_channels": 4,
+        "num_layers": layers,
+        "attention_head_dim": 32,
+        "num_attention_heads": heads,
+        "joint_attention_dim": 2 * text_width,
+        "caption_projection_dim": 32 * heads,
+        "pooled_projection_dim": 2 * pooled_dim,
+        "pos_embed_max_size": 16,
+        "qk_norm": "rms_norm",
+    }
+
+
+def _cosine(opt, steps: int):
+    warmup = max(1, steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))),
+    )
+
+
+def to_tensor(images_uint8: np.ndarray) -> torch.Tensor:
+    """uint8 ``(B, H, W, 3)`` -> float ``(B, 3, H, W)`` in [-1, 1] (the VAE's range)."""
+    return torch.as_tensor(images_uint8).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def train_vae(
+    images: np.ndarray,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+    scale: str = "full",
+    progress: bool = True,
+):
+    """An ``AutoencoderKL`` trained to reconstruct ``images`` (uint8 ``(N, 64, 64, 3)``);
+    its ``scaling_factor`` and ``shift_factor`` are set from the latents' statistics."""
+    from diffusers import AutoencoderKL
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**vae_config(scale))
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=1e-4)
+    sched = _cosine(opt, steps)
+    gen = torch.Generator().manual_seed(seed)
+    vae.train()
+    bar = tqdm(range(steps), desc="world-vae", disable=not progress, mininterval=5)
+    for _ in bar:
+        x = to_tensor(images[torch.randint(0, len(images), (batch_size,), generator=gen).numpy()])
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        kl = post.kl().mean() / x[0].numel()
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    vae.eval().requires_grad_(False)
+    z = encode_latents(vae, images[:512], raw=True)
+    shift, std = float(z.mean()), float(z.std())
+    vae.register_to_config(shift_factor=shift, scaling_factor=1.0 / std)
+    return vae
+
+
+@torch.no_grad()
+def encode_latents(vae, images: np.ndarray, raw: bool = False, batch: int = 256) -> torch.Tensor:
+    """Posterior means of ``images``; scaled to the transformer's space unless ``raw``."""
+    out = []
+    for i in range(0, len(images), batch):
+        z = vae.encode(to_tensor(images[i : i + batch])).latent_dist.mean
+        if not raw:
+            z = (z - vae.config.shift_factor) * vae.config.scaling_factor
+        out.append(z)
+    return torch.cat(out)
+
+
+def build_pipeline(vae, transformer, text_encoder, tokenizer):
+    """A ``StableDiffusion3Pipeline`` with ``text_encoder`` in both CLIP slots and no T5."""
+    import copy
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER),
+        vae=vae,
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        text_encoder_2=copy.deepcopy(text_encoder).eval(),
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+@torch.no_grad()
+def _encode(pipe, prompts: list[str], max_sequence_length: int):
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        prompt=prompts,
+        prompt_2=None,
+        prompt_3=None,
+        do_classifier_free_guidance=False,
+        max_sequence_length=max_sequence_length,
+    )
+    return embeds, pooled
+
+
+def train_transformer(
+    pipe,
+    latents: torch.Tensor,
+    captions: list[str],
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 5e-4,
+    drop_caption: float = 0.1,
+    max_sequence_length: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+):
+    """Flow-matching pretraining of ``pipe.transformer`` on scaled ``latents (N, 4, 16, 16)``
+    and their ``captions`` (see the module docstring). Returns the per-step losses."""
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    model = pipe.transformer
+    model.train().requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    sched = _cosine(opt, steps)
+    gen = torch.Generator().manual_seed(seed)
+    empty_e, empty_p = _encode(pipe, [""], max_sequence_length)
+    losses = []
+    bar = tqdm(range(steps), desc="world-sd3", disable=not progress, mininterval=5)
+    for _ in bar:
+        idx = torch.randint(0, len(latents), (batch_size,), generator=gen)
+        x0 = latents[idx]
+        e, p = _encode(pipe, [captions[i] for i in idx.tolist()], max_sequence_length)
+        drop = torch.rand(batch_size, generator=gen) < drop_caption
+        e = torch.where(drop[:, None, None], empty_e, e)
+        p = torch.where(drop[:, None], empty_p, p)
+        t = torch.sigmoid(torch.randn(batch_size, generator=gen))  # logit-normal(0, 1)
+        noise = torch.randn(x0.shape, generator=gen)
+        xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+        v = model(
+            hidden_states=xt, timestep=t * 1000, encoder_hidden_states=e, pooled_projections=p
+        ).sample
+        loss = F.mse_loss(v, noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", refresh=False)
+    model.eval().requires_grad_(False)
+    return losses
+
+
+def new_transformer(text_encoder, scale: str = "full", seed: int = 0):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    c = text_encoder.config
+    return SD3Transformer2DModel(**transformer_config(c.hidden_size, c.projection_dim, scale))
+
+
+def save_pipeline(pipe, folder: str | Path) -> Path:
+    folder = Path(folder)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def timed(fn, *args, **kwargs):
+    t = time.time()
+    out = fn(*args, **kwargs)
+    return out, time.time() - t

@@ -1,0 +1,137 @@
+"""The miniature world: grammar, tokenizer, the CLIP text tower in SD3's slots, the build
+recipe at toy scale, and the shipped world against its manifest."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rewards import world
+from rewards.world import clip as C
+from rewards.world import scenes as S
+
+
+def test_every_prompt_parses_back_to_its_spec():
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        spec = S.sample_spec(rng)
+        text = spec.prompt()
+        if rng.random() < 0.5:
+            text = S.refine_prompt(text, S.sample_detail(rng))
+        assert S.parse_prompt(text) == spec
+    for bad in ("a cat", "two circle", "a red circle and a square", "three circles above"):
+        with pytest.raises(ValueError, match="not in the world's grammar"):
+            S.parse_prompt(bad)
+
+
+def test_scenes_meet_their_specs_by_the_renderer_truth():
+    from rewards.world.judge import Judge, TinyDetector
+
+    judge = Judge(TinyDetector())  # check() reads the truth objects; no detector needed
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        spec = S.sample_spec(rng)
+        scene = S.scene_for(spec, rng, S.sample_detail(rng) if rng.random() < 0.5 else None)
+        assert judge.check(spec, scene.objects), spec
+
+
+def test_world_tokenizer_has_one_token_per_world_word():
+    tok = C.build_tokenizer()
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    assert eot == len(tok) - 1  # highest id: open_clip's argmax pooling finds it
+    for w in C.world_words():
+        assert len(tok(w).input_ids) == 3, w  # start, the word, end
+    # Text outside the world falls back to bytes, nothing is unknown.
+    ids = tok("wow!@# a cat").input_ids
+    assert eot not in ids[1:-1]
+    longest = "four purple diamonds and a yellow triangle and an orange square, " + (
+        "with checkered texture, dramatic side lighting, drop shadows, starry background"
+    )
+    assert len(tok(longest).input_ids) <= C.CONTEXT_LENGTH
+
+
+def test_hf_text_encoder_equals_open_clip_text_tower():
+    torch.manual_seed(0)
+    tok = C.build_tokenizer()
+    model = C.create_model(C.model_config(len(tok), "toy")).eval()
+    for p in model.parameters():  # non-trivial norms and biases too
+        p.data.add_(0.05 * torch.randn_like(p))
+    hf = C.hf_text_encoder(model, tok)
+    ids = C.tokenize(tok, ["a red circle left of a blue square, with striped texture", "three"])
+    with torch.no_grad():
+        want = model.encode_text(ids)
+        got = hf(input_ids=ids).text_embeds
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_caption_negatives_change_exactly_what_they_name():
+    rng = np.random.default_rng(3)
+    scene = S.Scene(
+        [S.Obj("circle", "red", 20, 16, 7), S.Obj("square", "blue", 40, 48, 7)], "grey"
+    )
+    swapped = C.perturb(scene, "swap_colours", rng)
+    assert [o.colour for o in swapped.objects] == ["blue", "red"]
+    assert [o.shape for o in swapped.objects] == ["circle", "square"]
+    moved = C.perturb(scene, "relation", rng)
+    assert (moved.objects[0].x, moved.objects[1].x) == (48, 16)
+    assert C.perturb(scene, "texture", rng) is None  # a plain scene has no texture
+
+
+@pytest.mark.slow
+def test_world_builds_at_toy_scale_and_loads_as_a_generator(tmp_path, one_torch_thread):
+    from rlhf.generator import GeneratorConfig, load_generator
+    from rlhf.world.build import build_world, verify_manifest
+
+    out = tmp_path / "world"
+    result = build_world(out, scale="toy", seed=0)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["command"].startswith("rlhf world build")
+    assert {"clip", "judge", "vae", "sd3"} <= set(manifest["seconds"])
+    assert verify_manifest(out) == []
+    geneval = result["report"]["generator_geneval_mini"]
+    assert 0.0 <= geneval["mean"] <= 1.0 and set(geneval["n"]) == set(S.CATEGORIES)
+    gen = load_generator(GeneratorConfig(model=str(out / "sd3"), load_t5=False))
+    assert gen.transformer.config.in_channels == 4
+    # A second build skips finished stages; a changed file is caught by the manifest.
+    build_world(out, scale="toy", seed=0, stages=("clip",))
+    w = out / "judge" / "judge.json"
+    w.write_text(w.read_text() + " ")
+    assert verify_manifest(out) == ["judge/judge.json"]
+
+
+shipped = pytest.mark.skipif(
+    not (world.ASSETS / "manifest.json").is_file(), reason="the world is not built"
+)
+
+
+@shipped
+def test_shipped_world_matches_its_manifest():
+    from rlhf.world.build import verify_manifest
+
+    assert verify_manifest(world.ASSETS) == []
+    total = sum(p.stat().st_size for p in world.ASSETS.rglob("*") if p.is_file())
+    assert total <= 20 * 2**20
+
+
+@shipped
+def test_shipped_clip_and_judge_read_renders():
+    from rewards.registry import build_reward
+
+    rng = np.random.default_rng(99)
+    specs = [S.sample_spec(rng, S.CATEGORIES[i % 6]) for i in range(60)]
+    images = torch.stack(
+        [
+            torch.from_numpy(S.render(S.scene_for(s, rng), rng)).permute(2, 0, 1)
+            for s in specs
+        ]
+    )
+    prompts = [s.prompt() for s in specs]
+    judge = build_reward({"name": "geneval_mini"})
+    assert judge(images, prompts).mean() >= 0.9
+    clip = build_reward({"name": "clip", "options": {"backbone": "world"}})
+    own = clip(images, prompts)
+    other = clip(images, prompts[1:] + prompts[:1])
+    assert (own > other).float().mean() >= 0.8
