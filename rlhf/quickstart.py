@@ -142,7 +142,12 @@ def run_quickstart(out: Path, fast: bool = False) -> dict:
         f"MLflow runs: ICT {trained['ict']['run_id']}, HP {trained['hp']['run_id']}, "
         f"policy {finetune['run_id']}"
     )
-    print(f"browse: `mlflow ui --backend-store-uri sqlite:///{Path.cwd() / 'mlflow.db'}`")
+    uri = finetune["tracking_uri"]
+    print(
+        f"browse: {uri}"
+        if "://" in uri and not uri.startswith("sqlite:")
+        else f"browse: `mlflow ui --backend-store-uri {uri}`"
+    )
     print(f"results: {out / 'summary.json'}")
     return summary
 
