@@ -40,7 +40,8 @@ def ray_job_submission_id() -> str | None:
 @dataclass
 class PromptsConfig:
     """Training and held-out prompts: ``synthetic`` (the procedural grammar of the synthetic
-    triplets) or a file: ``.txt`` (one prompt per line), ``.parquet``/``.csv``/``.jsonl``
+    triplets), ``world`` (the miniature world's easy prompts, GenEval's categories in turn;
+    ``synthetic_train``/``synthetic_eval`` set the counts) or a file: ``.txt`` (one prompt per line), ``.parquet``/``.csv``/``.jsonl``
     (column ``column``). Held-out prompts are sampled with ``eval_seeds`` fixed seeds."""
 
     train: str = "synthetic"
@@ -53,11 +54,11 @@ class PromptsConfig:
     def validate(self, path: str = "prompts") -> None:
         for key in ("train", "eval"):
             v = getattr(self, key)
-            if v == "synthetic":
+            if v in ("synthetic", "world"):
                 continue
             if Path(v).suffix not in PROMPT_SUFFIXES:
                 raise ValueError(
-                    f"{path}.{key}={v!r} must be 'synthetic' or a {PROMPT_SUFFIXES} file"
+                    f"{path}.{key}={v!r} must be 'synthetic', 'world' or a {PROMPT_SUFFIXES} file"
                 )
             if not Path(v).is_file():
                 raise ValueError(f"{path}.{key}={v!r}: file not found")

@@ -16,13 +16,18 @@ import numpy as np
 def read_prompts(
     source: str, column: str = "prompt", n_synthetic: int = 512, seed: int = 0
 ) -> list[str]:
-    """``synthetic`` (the synthetic-triplet grammar) or a file: ``.txt`` one prompt per line,
+    """``synthetic`` (the synthetic-triplet grammar), ``world`` (the miniature world's easy
+    prompts, GenEval's categories in turn) or a file: ``.txt`` one prompt per line,
     ``.parquet``/``.csv`` with ``column``, ``.jsonl`` objects with ``column``. Blank prompts are
     dropped; an empty result is an error naming the file."""
     if source == "synthetic":
         from rewards.synthetic import make_prompts
 
         return make_prompts(n_synthetic, seed=seed)
+    if source == "world":
+        from rewards.world.scenes import world_prompts
+
+        return world_prompts(n_synthetic, seed=seed)
     path = Path(source)
     if path.suffix == ".txt":
         prompts = path.read_text().splitlines()

@@ -344,3 +344,10 @@ def parse_prompt(text: str) -> Spec:
                 if a and b and a[0] is None and b[0] is None:
                     return Spec("position", [a[1], b[1]], [None, None], relation=rel)
     raise ValueError(f"prompt {text!r} is not in the world's grammar (see rewards/world/scenes.py)")
+
+
+def world_prompts(n: int, seed: int = 0) -> list[str]:
+    """``n`` easy prompts cycling through GenEval's six categories (so that a mean over them
+    is GenEval's mean of category scores)."""
+    rng = np.random.default_rng((seed, 5))
+    return [sample_spec(rng, CATEGORIES[i % len(CATEGORIES)]).prompt() for i in range(n)]
