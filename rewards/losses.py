@@ -92,3 +92,12 @@ def ict_hp_loss(ict_cos: torch.Tensor, hp_logits: torch.Tensor, margin: float = 
     l21 = F.relu(margin - (s2 - s1)).sum()
     l32 = F.relu(margin - (s3 - s2)).sum()
     return {"loss": l21 + l32, "icthp_21": l21, "icthp_32": l32}
+
+
+def pairwise_loss(s1: torch.Tensor, s2: torch.Tensor) -> dict[str, torch.Tensor]:
+    """PickScore's preference loss on the winner I2 over the loser I1 of one prompt: cross
+    entropy of ``softmax([s1, s2])`` against I2, i.e. ``softplus(s1 - s2)``, batch mean.
+
+    Args: s1, s2 ``(B,)`` scores (``logit_scale * cosine``) of I1 and I2."""
+    loss = F.softplus(s1 - s2).mean()
+    return {"loss": loss, "pair_acc": (s2 > s1).float().mean()}

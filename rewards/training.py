@@ -21,11 +21,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 from rewards.data import TripletDataset, collate_triplets
 from rewards.evaluate import preference_accuracy, score_triplets
 from rewards.labels import fill_labels, rule_labels, teacher_labels
-from rewards.losses import hp_loss, ict_hp_loss, ict_loss
+from rewards.losses import hp_loss, ict_hp_loss, ict_loss, pairwise_loss
 from rewards.registry import RewardSpec, build_reward
 
 log = logging.getLogger(__name__)
-KINDS = ("ict", "hp")
+# ict and hp as the paper; pickscore: a CLIP trained on I2 > I1 alone with PickScore's
+# recipe (the paper's pairwise baseline).
+KINDS = ("ict", "hp", "pickscore")
 
 
 @dataclass
@@ -297,6 +299,11 @@ class Objective:
                 lc.neg_threshold,
                 lc.neg_sharpness,
             )
+        if self.cfg.kind == "pickscore":
+            prompts = list(batch["easy_prompt"])
+            s1 = self.model.score(images[:, 0], prompts)
+            s2 = self.model.score(images[:, 1], prompts)
+            return pairwise_loss(_gather(s1), _gather(s2))
         # Over the global batch, as the reference: the ICT-HP term is a batch sum, which a
         # per-rank sum averaged by DDP would divide by the number of workers.
         logits = _gather(self.model.logits(flat).view(b, 3))

@@ -117,3 +117,36 @@ def test_preference_accuracy_strict_ties_wrong():
     assert "| r | 55.56 | 33.33 | 66.67 | 66.67 |" in format_table({"r": acc})
     with pytest.raises(ValueError, match="shape"):
         preference_accuracy(torch.zeros(3, 2))
+
+
+def test_pairwise_loss_is_pickscore_cross_entropy_on_the_winner():
+    from rewards.losses import pairwise_loss
+
+    s1, s2 = torch.tensor([1.0, 3.0, -2.0]), torch.tensor([2.0, 0.5, -2.0])
+    want = F.cross_entropy(torch.stack([s1, s2], -1), torch.ones(3, dtype=torch.long))
+    out = pairwise_loss(s1, s2)
+    torch.testing.assert_close(out["loss"], want)
+    assert out["pair_acc"] == pytest.approx(1 / 3)
+
+
+def test_pickscore_kind_trains_on_i2_over_i1_only():
+    from rewards.training import Objective, RewardTrainConfig, build_model
+
+    cfg = RewardTrainConfig(kind="pickscore", model={"options": {"backbone": "tiny"}}).validate()
+    torch.manual_seed(0)
+    model, _, _ = build_model(cfg)
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(4, 3, 3, 32, 32, generator=g)
+    prompts = ["a red circle", "two blue squares", "a green star", "one yellow cube"]
+    batch = {"images": images, "easy_prompt": prompts, "refine_prompt": prompts}
+    out = Objective(cfg, model)(batch)
+    with torch.no_grad():
+        s1, s2 = model.score(images[:, 0], prompts), model.score(images[:, 1], prompts)
+    torch.testing.assert_close(out["loss"].detach(), F.softplus(s1 - s2).mean())
+    out["loss"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    # I3 takes no part: changing it changes nothing.
+    images2 = images.clone()
+    images2[:, 2] = 0.5
+    out2 = Objective(cfg, model)({**batch, "images": images2})
+    torch.testing.assert_close(out2["loss"].detach(), out["loss"].detach())
