@@ -32,6 +32,7 @@ import numpy as np
 from actors.generator_worker import WorkerGroup, WorkerGroupError
 from actors.reward_server import RewardClient
 from actors.run_config import RunConfig
+from rewards.errors import UserError
 from rlhf import tracking
 from rlhf.config import ConfigError, bind, flatten
 
@@ -159,6 +160,8 @@ class Coordinator:
         try:
             run = mlflow.get_run(rid)
         except MlflowException as e:
+            if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise RunFailed(f"--resume {rid}: {_first_line(e)}") from e
             raise ResumeError(
                 f"--resume {rid}: no such run in {mlflow.get_tracking_uri()} "
                 "(set MLFLOW_TRACKING_URI to the run's tracking store)"
@@ -396,11 +399,11 @@ class Coordinator:
 
         from rlhf.prompts import read_prompts, step_batch
 
-        self._start_run()
-        cfg = self.cfg
         t_start = time.perf_counter()
         step = 0
         try:
+            self._start_run()
+            cfg = self.cfg
             self._start_servers()
             step = self._start_group(resuming=self.resume_run_id is not None)
             p = cfg.prompts
@@ -480,15 +483,17 @@ class Coordinator:
         except KeyboardInterrupt:
             _end_run(status="KILLED")
             raise
-        except (RunStopped, ResumeError):
+        except (RunStopped, UserError):
             _end_run(status="FAILED")
             raise
         except Exception as e:
             _end_run(status="FAILED")
-            cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            cause = f"{type(e).__name__}: {_first_line(e)}"
+            if self.run_id is None:
+                raise RunFailed(f"could not start the run: {cause}") from e
             raise RunFailed(
                 f"run {self.run_id} failed after step {max(step, self.high_water)}: "
-                f"{type(e).__name__}: {cause}; resume with: {self.resume_command()}"
+                f"{cause}; resume with: {self.resume_command()}"
             ) from e
         finally:
             self.shutdown()
@@ -549,6 +554,10 @@ class Coordinator:
             except Exception:  # best effort at teardown
                 pass
         self.clients = {}
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _end_run(status: str) -> None:

@@ -144,9 +144,10 @@ def cmd_finetune(args) -> int:
             raise ConfigError("give a CONFIG file (or --resume RUN_ID)")
         cfg = load_config(RunConfig, args.config, args.overrides)
         cfg.check_inputs()
-    co = Coordinator(cfg, resume_run_id=args.resume).prepare()  # a bad resume fails here
-    init_ray(args.verbose)
+    co = Coordinator(cfg, resume_run_id=args.resume)
     try:
+        co.prepare()  # a bad resume fails here, before Ray
+        init_ray(args.verbose)
         summary = co.run()
     except RunStopped as e:
         print(f"error: {e}", file=sys.stderr)

@@ -16,7 +16,7 @@ import pytest
 import ray
 from mlflow import MlflowClient
 
-from tests.integration.conftest import ROOT, start_mlflow_server, stop
+from tests.integration.conftest import ROOT, free_port, start_mlflow_server, stop
 
 pytestmark = pytest.mark.integration
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -265,3 +265,22 @@ def test_mlflow_going_away_mid_run_ends_in_one_line_with_the_resume_command(ray_
         f"; resume with: MLFLOW_TRACKING_URI={uri} rlhf finetune --resume {run_id}"
     )
     assert "Traceback" not in out
+
+
+def test_resume_with_mlflow_unreachable_is_one_line(tmp_path):
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",  # nothing listens
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlhf.cli", "finetune", "--resume", "0" * 32],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # not "no such run" (exit 2)
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert line.startswith(f"error: --resume {'0' * 32}: API request to "), proc.stderr
+    assert "Connection refused" in line and "Traceback" not in proc.stderr
