@@ -62,6 +62,16 @@ OFF_LO, OFF_HI = -BORDER / STRIDE, 1 + BORDER / STRIDE  # range of a cell's cent
 MAX_OBJECTS = 4
 WEIGHTS, CONFIG = "judge.safetensors", "judge.json"
 
+__all__ = [
+    "Detection",
+    "Judge",
+    "TinyDetector",
+    "augment",
+    "evaluate_judge",
+    "render_set",
+    "train_judge",
+]
+
 
 @dataclass(frozen=True)
 class Detection:
@@ -259,16 +269,19 @@ class Judge:
     def detect(
         self, images: torch.Tensor | np.ndarray, batch_size: int = 256
     ) -> list[list[Detection]]:
-        """``images (B, 3, H, W)`` in [0, 1] (resized to 64 px if need be) -> per image the
-        detected objects, highest score first."""
-        x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
-        x = x.detach().float().cpu()
+        """``images (B, 3, H, W)``, float in [0, 1] or uint8 (resized to 64 px if need be), ->
+        per image the detected objects, highest score first. Runs on the detector's device, in
+        eval mode whatever mode a wrapping module left it in."""
+        x = images if torch.is_tensor(images) else torch.from_numpy(np.asarray(images))
+        scale = 255.0 if x.dtype == torch.uint8 else 1.0
+        x = x.detach().to(next(self.model.parameters()).device).float() / scale
         if x.shape[-2:] != (SIZE, SIZE):
             x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", antialias=True)
+        self.model.eval()
         dets: list[list[Detection]] = []
         for i in range(0, x.shape[0], batch_size):
             out = self.model(x[i : i + batch_size].clamp(0, 1))
-            dets.extend(self._decode(out))
+            dets.extend(self._decode({k: v.float().cpu() for k, v in out.items()}))
         return dets
 
     def _decode(self, out: dict[str, torch.Tensor]) -> list[list[Detection]]:
@@ -419,7 +432,9 @@ def train_judge(
     """Render ``n_train`` scenes (half ``random_scene``, half ``scene_for(sample_spec)``, half
     of them refined) up front with numpy, then train a :class:`TinyDetector` on them for
     ``steps`` AdamW steps (one-cycle schedule) with :func:`augment`. The defaults are the full
-    scale (~2.5 min on 2 idle cores); ``n_train=800, steps=150`` is a toy scale (~10 s)."""
+    scale (~2 min on 2 idle cores); ``n_train=600, steps=150, batch_size=32,
+    widths=(16, 32, 32, 64)`` is a toy scale (~15 s of CPU) that finds objects and colours but
+    not yet shapes. ``threads``: torch threads to use (None leaves the setting alone)."""
     if threads:
         torch.set_num_threads(threads)
     t0 = time.time()
@@ -579,26 +594,20 @@ def _main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=900)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-eval", type=int, default=1200)
+    p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     t0 = time.time()
-    judge = train_judge(a.n_train, a.steps, a.seed, log=print)
+    judge = train_judge(
+        a.n_train, a.steps, a.seed, threads=a.threads, log=lambda m: print(m, flush=True)
+    )
     judge.save(a.out)
     t1 = time.time()
     report = evaluate_judge(Judge.load(a.out), n=a.n_eval, seed=a.seed + 10_000)
     report["train_s"], report["eval_s"] = round(t1 - t0, 1), round(time.time() - t1, 1)
     report["params"] = sum(p.numel() for p in judge.model.parameters())
+    report["weights_bytes"] = (Path(a.out) / WEIGHTS).stat().st_size
     print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
     _main()
-
-__all__ = [
-    "Detection",
-    "Judge",
-    "TinyDetector",
-    "augment",
-    "evaluate_judge",
-    "render_set",
-    "train_judge",
-]
