@@ -4,8 +4,9 @@ The policy is a diffusers ``StableDiffusion3Pipeline``: the transformer is train
 peft, or every weight), the VAE and text encoders stay frozen. ``model`` is a hub id
 (``stabilityai/stable-diffusion-3.5-large-turbo``), a local diffusers folder, or ``tiny``: a
 tiny SD3 built from the JSON configs in ``rlhf/model_configs/tiny_sd3`` with random weights
-(seeded), two CLIP text encoders and locally built CLIP tokenizers, no T5. Nothing is
-downloaded for ``tiny`` or a local folder.
+(seeded), two CLIP text encoders and locally built CLIP tokenizers, no T5; or ``world``: the
+miniature world's pretrained tiny SD3 (``rlhf world build``), a diffusers folder shipped in
+``rewards/world/assets/sd3``. Nothing is downloaded for these or a local folder.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ import torch
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
+WORLD = "world"  # the miniature world's pretrained SD3, shipped in rewards/world/assets/sd3
 TINY_SD3_DIR = Path(__file__).parent / "model_configs" / "tiny_sd3"
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-large-turbo"
 ATTENTION_BACKENDS = ("auto", "xformers", "sdpa")
@@ -199,6 +201,10 @@ def load_pipeline(cfg: GeneratorConfig, device: str | torch.device | None = None
     if cfg.model == TINY:
         pipe = build_tiny_pipeline(cfg.seed)
     else:
+        if cfg.model == WORLD:
+            from rewards.world import SD3_DIR
+
+            cfg = replace(cfg, model=str(SD3_DIR))
         kwargs = {_dtype_kwarg(): dtype, "revision": cfg.revision, "variant": cfg.variant}
         if not cfg.load_t5:
             kwargs.update(text_encoder_3=None, tokenizer_3=None)

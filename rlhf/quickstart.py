@@ -1,10 +1,12 @@
-"""``rlhf quickstart``: the whole pipeline on tiny models, on a CPU, with no downloads.
+"""``rlhf quickstart``: the paper's pipeline in the miniature world, on a CPU, no downloads.
 
-Synthetic triplets -> tiny ICT and HP trained as Ray Train jobs (2 workers, gloo) ->
-registered in the embedded MLflow -> preference-accuracy table against the untrained models
--> DRaFT-K fine-tuning of the tiny SD3 against the trained ICT (in a reward server) and HP
-(in the workers) with 2 generator workers under DeepSpeed (``configs/quickstart.yaml``) ->
-the policy registered in MLflow -> a summary.
+Pick-High-mini triplets from the shipped world (I1/I2 sampled from its pretrained SD3 and
+ranked by its judge, I3 rendered from the refined prompt, teacher ICT labels) -> ICT and HP
+trained from the world's pretrained CLIP as Ray Train jobs (2 workers, gloo) -> registered in
+the embedded MLflow -> preference-accuracy table beside the CLIP score -> DRaFT-K fine-tuning
+of the world SD3 against the trained ICT (in a reward server) and HP (in the workers) with 2
+generator workers under DeepSpeed (``configs/world.yaml``), GenEval-mini at every evaluation
+-> the policy registered in MLflow -> a summary with a before/after grid.
 
 Like the CLI, it sits on top of the layers (``rewards`` <- ``rlhf`` <- ``actors``).
 """
@@ -28,44 +30,74 @@ from rewards.training import (
 )
 
 log = logging.getLogger(__name__)
-TINY = {"backbone": "tiny"}
-FINETUNE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+WORLD = {"backbone": "world"}
+FINETUNE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "world.yaml"
+# Numbers of Pick-High-mini triplets (prompts; ties are dropped) for train and held-out.
+TRIPLETS = {False: (600, 150), True: (120, 60)}
 
 
-def reward_configs(out: Path, fast: bool) -> dict[str, RewardTrainConfig]:
-    """The tiny ICT and HP jobs the quickstart runs (also used by tests and benchmarks)."""
-    n_train = 512 if fast else 2048
+def reward_configs(out: Path, data_dir: Path, fast: bool) -> dict[str, RewardTrainConfig]:
+    """The ICT and HP jobs the quickstart runs, from the world CLIP on Pick-High-mini."""
     data = DataConfig(
-        train="synthetic",
-        eval="synthetic",
+        train=str(data_dir / "train.parquet"),
+        eval=str(data_dir / "eval.parquet"),
         image_size=64,
-        synthetic_train=n_train,
-        synthetic_eval=128 if fast else 400,
-        cache_dir=str(out / "data"),
+        cache_dir=str(data_dir),
     )
     tag = uuid.uuid4().hex[:6]
     common = dict(
         data=data,
-        labels=LabelConfig(source="rule"),
+        labels=LabelConfig(source="data"),
         scaling=ScalingConfig(num_workers=2, cpus_per_worker=1),
         checkpoint=CheckpointConfig(keep=2, storage_path=str(out / "ray_runs")),
-        eval_every=8 if fast else 32,
+        eval_every=8 if fast else 16,
     )
     return {
         kind: RewardTrainConfig(
             name=f"quickstart-{kind}-{tag}",
             kind=kind,
-            model={"options": TINY},
-            optim=OptimConfig(lr=1e-3, batch_size=32, epochs=1 if fast else 3, warmup_steps=4),
+            model={"options": WORLD},
+            optim=OptimConfig(lr=lr, batch_size=32, epochs=1 if fast else 3, warmup_steps=4),
             mlflow=MlflowConfig(experiment="quickstart", register_as=f"quickstart-{kind}"),
             **common,
         ).validate()
-        for kind in ("ict", "hp")
+        for kind, lr in (("ict", 1e-4), ("hp", 3e-4))
     }
 
 
 def _banner(text: str) -> None:
     print(f"\n==> {text}", flush=True)
+
+
+def make_triplets(data_dir: Path, fast: bool) -> dict:
+    """Pick-High-mini from the shipped world into ``data_dir`` (kept between runs)."""
+    from rewards import world
+    from rlhf.world.triplets import build_triplets
+
+    stats_file = data_dir / "stats.json"
+    n_train, n_eval = TRIPLETS[fast]
+    if stats_file.is_file():
+        stats = json.loads(stats_file.read_text())
+        if stats.get("prompts") == [n_train, n_eval]:
+            return stats
+    stats = build_triplets(world.ASSETS, data_dir, n_train, n_eval)
+    stats["prompts"] = [n_train, n_eval]
+    stats_file.write_text(json.dumps(stats, indent=2))
+    return stats
+
+
+def before_after_grid(samples: Path, out: Path) -> Path | None:
+    """The step-0 and the last evaluation grids side by side (same prompts and seeds)."""
+    import numpy as np
+    from PIL import Image
+
+    steps = sorted(samples.glob("step_*.png"))
+    if len(steps) < 2:
+        return None
+    a, b = (np.asarray(Image.open(p).convert("RGB")) for p in (steps[0], steps[-1]))
+    gap = np.full((a.shape[0], 8, 3), 255, np.uint8)
+    Image.fromarray(np.concatenate([a, gap, b], axis=1)).save(out)
+    return out
 
 
 def run_quickstart(out: Path, fast: bool = False) -> dict:
@@ -80,31 +112,35 @@ def run_quickstart(out: Path, fast: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     timings: dict[str, float] = {}
-    cfgs = reward_configs(out, fast)
+    data_dir = out / "data"
 
-    _banner("1/5 synthetic triplets")
+    _banner("1/5 Pick-High-mini triplets from the world's pretrained SD3, CLIP and judge")
     t = time.perf_counter()
+    stats = make_triplets(data_dir, fast)
+    cfgs = reward_configs(out, data_dir, fast)
     eval_ds = make_dataset(cfgs["ict"].data, "eval")
-    train_ds = make_dataset(cfgs["ict"].data, "train")
     timings["data"] = time.perf_counter() - t
-    print(f"{len(train_ds)} train / {len(eval_ds)} held-out triplets in {out / 'data'}")
+    print(
+        f"{stats['train']['triplets']} train / {stats['eval']['triplets']} held-out triplets "
+        f"in {data_dir} ({stats['train']['ties_dropped']} + {stats['eval']['ties_dropped']} "
+        "prompts dropped: the judge saw no winner)"
+    )
 
     trained = {}
     for i, kind in enumerate(("ict", "hp"), start=2):
-        _banner(f"{i}/5 train tiny {kind.upper()} (Ray Train, 2 workers)")
+        _banner(f"{i}/5 train {kind.upper()} from the world CLIP (Ray Train, 2 workers)")
         t = time.perf_counter()
         trained[kind] = run_job(cfgs[kind])
         timings[f"train_{kind}"] = time.perf_counter() - t
         s = trained[kind]
         print(f"registered {s['model_uri']} (run {s['run_id']}, best step {s['best_step']})")
 
-    _banner("4/5 preference accuracy on held-out synthetic triplets")
+    _banner("4/5 preference accuracy on held-out Pick-High-mini triplets")
     t = time.perf_counter()
     loader = make_eval_loader(eval_ds, 64)
     ict_uri, hp_uri = trained["ict"]["model_uri"], trained["hp"]["model_uri"]
     rows = {
-        "CLIP score (untrained tiny CLIP)": {"name": "clip", "options": TINY},
-        "HP untrained": {"name": "hp", "options": TINY},
+        "CLIP score (world CLIP)": {"name": "clip", "options": WORLD},
         "ICT (trained)": {"name": "ict", "checkpoint": ict_uri},
         "HP (trained)": {"name": "hp", "checkpoint": hp_uri},
         "ICT-HP (trained)": {
@@ -120,15 +156,26 @@ def run_quickstart(out: Path, fast: bool = False) -> dict:
     table = format_table(results)
     print(table)
 
-    _banner("5/5 DRaFT-K: tiny SD3, 2 generator workers (DeepSpeed ZeRO-2), trained ICT + HP")
+    _banner("5/5 DRaFT-K: the world SD3, 2 generator workers (DeepSpeed ZeRO-2), ICT + HP")
     t = time.perf_counter()
     finetune = run_finetune(out, ict_uri, hp_uri, fast)
     timings["finetune"] = time.perf_counter() - t
+    grid = before_after_grid(Path(finetune["samples"]), out / "before_after.png")
+    before, after = finetune.get("reward_before") or {}, finetune.get("reward_after") or {}
+    geneval = {
+        "before": before.get("eval/reward/geneval_mini"),
+        "after": after.get("eval/reward/geneval_mini"),
+    }
+    jpeg = {"before": before.get("eval/jpeg_ratio"), "after": after.get("eval/jpeg_ratio")}
 
     summary = {
+        "triplets": stats,
         "rewards": trained,
         "accuracy": results,
         "finetune": finetune,
+        "geneval_mini": geneval,
+        "jpeg_ratio": jpeg,
+        "before_after_grid": str(grid) if grid else None,
         "timings_s": timings,
     }
     write_json(summary, out / "summary.json")
@@ -137,6 +184,11 @@ def run_quickstart(out: Path, fast: bool = False) -> dict:
 
     print(table)
     print("\n".join(summary_lines(finetune)))
+    for name, d in (("GenEval-mini mean", geneval), ("JPEG compression ratio", jpeg)):
+        if d["before"] is not None and d["after"] is not None:
+            print(f"  {name:<28} {d['before']:8.4f} -> {d['after']:8.4f}")
+    if grid:
+        print(f"  before | after grid: {grid}")
     print("phase seconds: " + json.dumps({k: round(v, 1) for k, v in timings.items()}))
     print(
         f"MLflow runs: ICT {trained['ict']['run_id']}, HP {trained['hp']['run_id']}, "
@@ -153,7 +205,7 @@ def run_quickstart(out: Path, fast: bool = False) -> dict:
 
 
 def run_finetune(out: Path, ict_uri: str, hp_uri: str, fast: bool) -> dict:
-    """``configs/quickstart.yaml`` with the freshly trained rewards swapped in."""
+    """``configs/world.yaml`` with the freshly trained rewards swapped in."""
     from actors.coordinator import Coordinator
     from actors.run_config import RunConfig
     from rlhf.config import load_config

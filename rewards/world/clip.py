@@ -213,8 +213,9 @@ def negatives(scene: S.Scene, seed, rng: np.random.Generator, k: int) -> list[st
     return out
 
 
-def make_pairs(n: int, seed: int) -> tuple[np.ndarray, list[str], list[str]]:
-    """``n`` renders ``(n, 64, 64, 3)`` uint8, their captions and one hard negative each."""
+def make_pairs(n: int, seed: int, k: int = 1) -> tuple[np.ndarray, list[str], list[list[str]]]:
+    """``n`` renders ``(n, 64, 64, 3)`` uint8, their captions and ``k`` hard negatives each
+    (the caption itself where fewer perturbations apply; it then only repeats a positive)."""
     images = np.empty((n, S.SIZE, S.SIZE, 3), np.uint8)
     pos, neg = [], []
     for i in range(n):
@@ -226,8 +227,8 @@ def make_pairs(n: int, seed: int) -> tuple[np.ndarray, list[str], list[str]]:
             scene = S.random_scene(rng, detail)
         images[i] = S.to_uint8(S.render(scene, rng, noise=float(rng.uniform(0, 0.03))))
         pos.append(_caption(scene, (seed, i, 1)))
-        alt = negatives(scene, (seed, i, 1), rng, 1)
-        neg.append(alt[0] if alt else pos[-1])
+        alt = negatives(scene, (seed, i, 1), rng, k)
+        neg.append(alt + [pos[-1]] * (k - len(alt)))
     return images, pos, neg
 
 
@@ -248,11 +249,13 @@ def train_clip(
     seed: int = 0,
     scale: str = "full",
     progress: bool = True,
+    negatives_per_image: int = 3,
 ):
     """Pretrain ``world-clip`` contrastively; returns ``(model, tokenizer, config)``.
 
-    Each image is contrasted with every caption in the batch and every caption's hard
-    negative (NegCLIP's recipe), so attribute binding is what separates them.
+    Each image is contrasted with every caption in the batch and with every caption's
+    ``negatives_per_image`` hard negatives (NegCLIP's recipe), so attribute binding is what
+    separates them.
     """
     from tqdm import tqdm
 
@@ -261,8 +264,10 @@ def train_clip(
     config = model_config(len(tok), scale)
     model = create_model(config)
     t0 = time.time()
-    images, pos, neg = make_pairs(n_train, seed)
-    pos_ids, neg_ids = tokenize(tok, pos), tokenize(tok, neg)
+    k = negatives_per_image
+    images, pos, neg = make_pairs(n_train, seed, k)
+    pos_ids = tokenize(tok, pos)
+    neg_ids = tokenize(tok, [c for row in neg for c in row]).view(n_train, k, -1)
     log.info("world-clip: %d pairs rendered in %.0f s", n_train, time.time() - t0)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
@@ -276,9 +281,10 @@ def train_clip(
     for _step in bar:
         idx = torch.randint(0, n_train, (batch_size,), generator=gen)
         img = F.normalize(model.encode_image(pixels(images[idx.numpy()])), dim=-1)
-        txt = F.normalize(model.encode_text(torch.cat([pos_ids[idx], neg_ids[idx]])), dim=-1)
+        txt = model.encode_text(torch.cat([pos_ids[idx], neg_ids[idx].flatten(0, 1)]))
+        txt = F.normalize(txt, dim=-1)
         scale_ = model.logit_scale.exp().clamp(max=100)
-        logits = scale_ * img @ txt.T  # (B, 2B): own caption, others, every hard negative
+        logits = scale_ * img @ txt.T  # (B, B + kB): own caption, others, every hard negative
         target = torch.arange(batch_size)
         loss = (
             F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :batch_size].T, target)

@@ -39,9 +39,9 @@ STAGES = ("clip", "judge", "vae", "sd3", "report")
 class Recipe:
     """Sizes and steps of every stage; ``full`` fits ≤ 30 min on 2 idle cores."""
 
-    clip_pairs: int = 12000
-    clip_steps: int = 500
-    clip_batch: int = 96
+    clip_pairs: int = 20000
+    clip_steps: int = 2400
+    clip_batch: int = 64
     judge_train: int = 12000
     judge_steps: int = 1500
     sd3_images: int = 12000
