@@ -25,6 +25,7 @@ SUITES = {
     "draft_k": ("bench.draft_k", []),
     "loop": ("bench.loop", ["--repeats", "2"]),
 }
+# Not in the default list: world_finetune needs the rewards that reward_accuracy --save wrote.
 SHORT_DEFAULT = ("reward_server", "draft_k", "loop")
 
 

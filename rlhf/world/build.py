@@ -42,10 +42,10 @@ class Recipe:
     clip_pairs: int = 20000
     clip_steps: int = 2400
     clip_batch: int = 64
-    judge_train: int = 12000
-    judge_steps: int = 1500
+    judge_train: int = 8000
+    judge_steps: int = 900
     sd3_images: int = 12000
-    vae_steps: int = 500
+    vae_steps: int = 2500
     vae_batch: int = 16
     sd3_steps: int = 1500
     sd3_batch: int = 32
@@ -141,11 +141,18 @@ def eval_specs(n: int, seed: int = 4242) -> list[S.Spec]:
     return [S.sample_spec(rng, S.CATEGORIES[i % len(S.CATEGORIES)]) for i in range(n)]
 
 
-def build_world(out: str | Path, scale: str = "full", seed: int = 0, stages=STAGES) -> dict:
+def build_world(
+    out: str | Path, scale: str = "full", seed: int = 0, stages=STAGES, threads: int | None = 1
+) -> dict:
+    """Build the ``stages`` into ``out`` (see the module docstring); returns the report and
+    the manifest. ``threads``: torch threads (one by default: two OpenMP threads on two cores
+    stall badly whenever anything else runs there; None leaves torch's setting)."""
     from rewards.world import clip as C
     from rewards.world import judge as J
     from rlhf.world import sd3 as W
 
+    if threads:
+        torch.set_num_threads(threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     recipe = Recipe.for_scale(scale)
@@ -173,7 +180,9 @@ def build_world(out: str | Path, scale: str = "full", seed: int = 0, stages=STAG
 
     if "judge" in stages and not _done(judge_dir):
         t = time.time()
-        judge = J.train_judge(n_train=recipe.judge_train, steps=recipe.judge_steps, seed=seed)
+        judge = J.train_judge(
+            n_train=recipe.judge_train, steps=recipe.judge_steps, seed=seed, threads=None
+        )
         tmp = out / ".judge.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         judge.save(tmp)

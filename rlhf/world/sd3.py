@@ -79,7 +79,7 @@ def train_vae(
     images: np.ndarray,
     steps: int,
     batch_size: int = 32,
-    lr: float = 1e-3,
+    lr: float = 2e-3,
     seed: int = 0,
     scale: str = "full",
     progress: bool = True,

@@ -1,0 +1,92 @@
+"""The paper's fine-tuning table in the miniature world (BENCHMARKS.md, table 2).
+
+From the shipped world SD3, with the same steps, prompts and seeds, DRaFT-K (LoRA, in one
+process: :func:`rlhf.world.experiments.finetune_world`) against each reward: none (the base),
+the world CLIP score, the pairwise I2>I1 baseline, ICT, HP, ICT-HP (the trained rewards saved
+by ``python -m bench.reward_accuracy --save DIR``). Measured on fixed held-out prompts and
+seeds: GenEval-mini (mean, per category), JPEG compression ratio, HP score, CLIP score; the
+held-out samples of every row side by side in one PNG.
+
+    python -m bench.world_finetune --rewards DIR [--steps N] [--short] [--out FILE.json]
+        [--grid FILE.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import emit
+
+WORLD = {"backbone": "world"}
+
+
+def rows(rewards_dir: Path) -> dict[str, list[dict]]:
+    ck = {k: str(rewards_dir / k) for k in ("pickscore", "ict", "hp")}
+    return {
+        "base": [],
+        "+CLIP score": [{"name": "clip", "options": WORLD}],
+        "+pairwise (PickScore recipe)": [{"name": "pickscore", "checkpoint": ck["pickscore"]}],
+        "+ICT": [{"name": "ict", "checkpoint": ck["ict"]}],
+        "+HP": [{"name": "hp", "checkpoint": ck["hp"]}],
+        "+ICT-HP": [
+            {
+                "name": "ict_hp",
+                "options": {"ict": {"checkpoint": ck["ict"]}, "hp": {"checkpoint": ck["hp"]}},
+            }
+        ],
+    }
+
+
+def run(rewards_dir: str, steps: int, short: bool, grid_path: str | None) -> dict:
+    from rewards.registry import build_reward
+    from rlhf.image_stats import grid, to_uint8
+    from rlhf.world.experiments import WorldFinetune, finetune_world
+
+    torch.set_num_threads(1)
+    rdir = Path(rewards_dir)
+    scorers = {
+        "hp": build_reward({"name": "hp", "checkpoint": str(rdir / "hp")}),
+        "clip": build_reward({"name": "clip", "options": WORLD}),
+    }
+    results, pictures = {}, []
+    for label, rewards in rows(rdir).items():
+        if short and label not in ("base", "+ICT"):
+            continue
+        t = time.perf_counter()
+        cfg = WorldFinetune(rewards=rewards, steps=steps, eval_prompts=12 if short else 48)
+        out = finetune_world(cfg, scorers)
+        figures = out["after"] or out["before"]
+        results[label] = {**figures, "seconds": time.perf_counter() - t}
+        if label == "base":
+            results[label]["note"] = "no fine-tuning"
+        imgs = out["images"][1] if out["images"][1] is not None else out["images"][0]
+        pictures.append(grid(to_uint8(imgs[:16]), cols=8))
+        print(f"{label}: GenEval-mini {figures['geneval_mini']['mean']:.3f}", flush=True)
+    if grid_path and pictures:
+        from PIL import Image
+
+        gap = np.full((6, pictures[0].shape[1], 3), 255, np.uint8)
+        stacked = np.concatenate([x for p in pictures for x in (p, gap)][:-1], axis=0)
+        Image.fromarray(stacked).save(grid_path)
+    return {"suite": "world_finetune", "short": short, "steps": steps, "rows": results}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rewards", required=True, help="folder with pickscore/, ict/, hp/")
+    p.add_argument("--steps", type=int, default=40, help="DRaFT-K steps per row (default: 40)")
+    p.add_argument("--short", action="store_true", help="two rows, 12 held-out prompts")
+    p.add_argument("--grid", default=None, help="write every row's samples here (PNG)")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    return emit(run(a.rewards, a.steps, a.short, a.grid), a.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
