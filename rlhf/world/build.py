@@ -7,7 +7,9 @@ Stages (each writes a folder under ``out`` and is skipped when that folder is co
 3. ``vae``    a tiny ``AutoencoderKL`` (factor 4, 4 latent channels) trained on renders;
 4. ``sd3``    an SD3 transformer, flow matching on the VAE's latents of renders, the CLIP's
               text tower in both text-encoder slots: a diffusers folder;
-5. ``report`` held-out figures: CLIP caption choice, judge accuracy, the base generator's
+5. ``ict``    an ICT reward trained from the CLIP on Pick-High-mini triplets of the base SD3
+              (``rlhf.world.triplets``), stored in fp16: what the fine-tuning test optimises;
+6. ``report`` held-out figures: CLIP caption choice, judge accuracy, the base generator's
               GenEval-mini, into ``report.json``; and ``manifest.json``: size and sha256 of
               every file, the command and the seconds each stage took.
 
@@ -32,7 +34,7 @@ from rewards.world import scenes as S
 
 log = logging.getLogger(__name__)
 
-STAGES = ("clip", "judge", "vae", "sd3", "report")
+STAGES = ("clip", "judge", "vae", "sd3", "ict", "report")
 
 
 @dataclass
@@ -49,6 +51,8 @@ class Recipe:
     vae_batch: int = 16
     sd3_steps: int = 1500
     sd3_batch: int = 32
+    ict_prompts: int = 600
+    ict_epochs: int = 3
     eval_prompts: int = 120
     sample_steps: int = 10
     guidance: float = 3.0
@@ -69,6 +73,8 @@ class Recipe:
                 vae_batch=8,
                 sd3_steps=6,
                 sd3_batch=8,
+                ict_prompts=24,
+                ict_epochs=1,
                 eval_prompts=12,
                 sample_steps=2,
             )
@@ -191,7 +197,7 @@ def build_world(
         print(f"[world] judge: {timings['judge']:.0f} s", flush=True)
 
     vae_dir = out / "vae"
-    if ("vae" in stages or "sd3" in stages) and not _done(vae_dir):
+    if ("vae" in stages or "sd3" in stages) and not (_done(vae_dir) or _done(sd3_dir)):
         t = time.time()
         images, _ = _sd3_data(recipe.sd3_images, seed)
         vae = W.train_vae(
@@ -229,8 +235,19 @@ def build_world(
         shutil.rmtree(tmp, ignore_errors=True)
         W.save_pipeline(pipe, tmp)
         _finish(tmp, sd3_dir)
+        shutil.rmtree(vae_dir)  # the diffusers folder holds its own copy
         timings["sd3"] = time.time() - t
         print(f"[world] sd3: {timings['sd3']:.0f} s", flush=True)
+
+    ict_dir = out / "ict"
+    if "ict" in stages and not _done(ict_dir):
+        t = time.time()
+        tmp = out / ".ict.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        stats = train_world_ict(out, tmp, recipe, seed)
+        _finish(tmp, ict_dir)
+        timings["ict"] = time.time() - t
+        print(f"[world] ict: {timings['ict']:.0f} s {stats}", flush=True)
 
     report = {}
     if "report" in stages:
@@ -249,6 +266,53 @@ def build_world(
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return {"report": report, "manifest": manifest}
+
+
+def train_world_ict(out: Path, folder: Path, recipe: Recipe, seed: int) -> dict:
+    """ICT from the world CLIP on Pick-High-mini (in this process), saved in fp16."""
+    import tempfile
+
+    from rewards.registry import save_reward
+    from rewards.training import (
+        DataConfig,
+        LabelConfig,
+        Objective,
+        OptimConfig,
+        RewardTrainConfig,
+        build_model,
+        make_dataset,
+        run_training,
+    )
+    from rlhf.world.triplets import build_triplets
+
+    with tempfile.TemporaryDirectory() as d:
+        stats = build_triplets(out, d, recipe.ict_prompts, 0, seed=seed, recipe=recipe)
+        clip = out / "clip"
+        backbone = {
+            "kind": "open_clip",
+            "model": "world-clip",
+            "pretrained": str(clip / "open_clip.safetensors"),
+            "extra": {"tokenizer": str(clip / "tokenizer")},
+        }
+        cfg = RewardTrainConfig(
+            name="world-ict",
+            kind="ict",
+            model={"options": {"backbone": backbone}},
+            data=DataConfig(train=f"{d}/train.parquet", eval=f"{d}/train.parquet", image_size=64),
+            labels=LabelConfig(source="data"),
+            optim=OptimConfig(lr=1e-4, batch_size=32, epochs=recipe.ict_epochs, warmup_steps=4),
+            seed=seed,
+        ).validate()
+        torch.manual_seed(seed)
+        model, teacher, ict = build_model(cfg)
+        run_training(
+            cfg, model, Objective(cfg, model, teacher, ict), make_dataset(cfg.data, "train"), None
+        )
+    model.eval().half()
+    # The shipped ICT names the shipped CLIP as ``backbone: world``, not this build's paths.
+    model.reward_options = {"backbone": "world"}
+    save_reward(model, folder)
+    return stats["train"]
 
 
 def world_report(out: Path, recipe: Recipe) -> dict:

@@ -156,6 +156,8 @@ def build_triplets(
     recipe = recipe or Recipe()
     stats = {}
     for split, n, s in (("train", n_train, seed), ("eval", n_eval, seed + 1)):
+        if n == 0:
+            continue
         rows, st = make_triplets(world_dir, n, s, recipe)
         write_parquet(rows, out / f"{split}.parquet")
         stats[split] = st

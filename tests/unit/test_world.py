@@ -135,3 +135,34 @@ def test_shipped_clip_and_judge_read_renders():
     own = clip(images, prompts)
     other = clip(images, prompts[1:] + prompts[:1])
     assert (own > other).float().mean() >= 0.8
+
+
+def test_geneval_mini_is_refused_as_a_training_reward():
+    from actors.run_config import RunConfig
+    from rlhf.config import load_config
+
+    world_yaml = world.ASSETS.parents[2] / "configs" / "world.yaml"
+    with pytest.raises(ValueError, match=r"rewards\[0\]\.name=geneval_mini is an evaluator"):
+        load_config(RunConfig, world_yaml, ["rewards=[{name: geneval_mini}]"])
+    cfg = load_config(RunConfig, world_yaml)
+    assert "geneval_mini" in [s.name for s in cfg.eval_reward_specs()]
+
+
+# GenEval-mini rise measured for this test's run (see BENCHMARKS.md, "fine-tuning test").
+ICT_STEPS, ICT_MARGIN = 30, 0.05
+
+
+@shipped
+@pytest.mark.slow
+def test_finetuning_the_world_generator_against_ict_raises_geneval_mini(one_torch_thread):
+    from rlhf.world.experiments import WorldFinetune, finetune_world
+
+    cfg = WorldFinetune(
+        rewards=[{"name": "ict", "checkpoint": str(world.ASSETS / "ict")}],
+        steps=ICT_STEPS,
+        eval_prompts=48,
+    )
+    out = finetune_world(cfg)
+    before, after = out["before"]["geneval_mini"], out["after"]["geneval_mini"]
+    print(f"GenEval-mini {before['mean']:.3f} -> {after['mean']:.3f}: {before} -> {after}")
+    assert after["mean"] - before["mean"] >= ICT_MARGIN
