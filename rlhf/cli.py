@@ -185,7 +185,7 @@ def cmd_world_build(args) -> int:
     if unknown:
         raise ConfigError(f"--stages: unknown stage(s) {unknown} (known: {', '.join(STAGES)})")
     out = Path(args.out) if args.out else ASSETS
-    result = build_world(out, scale=args.scale, seed=args.seed, stages=stages)
+    result = build_world(out, scale=args.scale, seed=args.seed, stages=stages, jobs=args.jobs)
     print(json.dumps(result["report"], indent=2))
     print(f"world in {out} (manifest.json lists every file with its sha256)")
     return 0
@@ -308,7 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = _parser(sub, "world", "the miniature world: pretrained tiny CLIP, SD3 and judge")
     ws = w.add_subparsers(dest="world_cmd", required=True, metavar="COMMAND")
-    wb = _parser(ws, "build", "build the world from scratch, seeded (about 30 min on 2 cores)")
+    wb = _parser(
+        ws,
+        "build",
+        "build the world from scratch, seeded, stage by stage (finished stages are kept)",
+    )
     wb.add_argument(
         "--out",
         default=None,
@@ -317,7 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     wb.add_argument("--scale", choices=("full", "toy"), default="full", help="toy: the CI recipe")
     wb.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     wb.add_argument(
-        "--stages", default=None, help="comma-separated subset of clip,judge,vae,sd3,report"
+        "--stages", default=None, help="comma-separated subset of clip,judge,vae,sd3,ict,report"
+    )
+    wb.add_argument(
+        "--jobs", type=int, default=2, help="processes (2: the CLIP beside the judge and VAE)"
     )
     wb.set_defaults(func=cmd_world_build)
     wv = _parser(ws, "verify", "check the world's files against its manifest")

@@ -61,7 +61,7 @@ def reward_configs(out: Path, data_dir: Path, fast: bool) -> dict[str, RewardTra
             mlflow=MlflowConfig(experiment="quickstart", register_as=f"quickstart-{kind}"),
             **common,
         ).validate()
-        for kind, lr in (("ict", 1e-4), ("hp", 3e-4))
+        for kind, lr in (("ict", 2e-4), ("hp", 5e-4))
     }
 
 

@@ -93,7 +93,7 @@ def file_table(root: Path) -> dict[str, dict]:
     return {
         str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name not in ("manifest.json",)
+        if p.is_file() and p.name != "manifest.json" and not p.name.startswith(".")
     }
 
 
@@ -113,8 +113,11 @@ def _done(folder: Path) -> bool:
     return (folder / ".complete").is_file()
 
 
-def _finish(tmp: Path, folder: Path) -> None:
+def _finish(tmp: Path, folder: Path, seconds: float) -> None:
+    """Move a finished stage into place; ``.seconds/<stage>`` records the seconds it took."""
     (tmp / ".complete").write_text("")
+    (folder.parent / ".seconds").mkdir(exist_ok=True)
+    (folder.parent / ".seconds" / folder.name).write_text(f"{seconds:.1f}\n")
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)
@@ -148,11 +151,18 @@ def eval_specs(n: int, seed: int = 4242) -> list[S.Spec]:
 
 
 def build_world(
-    out: str | Path, scale: str = "full", seed: int = 0, stages=STAGES, threads: int | None = 1
+    out: str | Path,
+    scale: str = "full",
+    seed: int = 0,
+    stages=STAGES,
+    threads: int | None = 1,
+    jobs: int = 1,
 ) -> dict:
     """Build the ``stages`` into ``out`` (see the module docstring); returns the report and
-    the manifest. ``threads``: torch threads (one by default: two OpenMP threads on two cores
-    stall badly whenever anything else runs there; None leaves torch's setting)."""
+    the manifest. ``threads``: torch threads per process (one by default: two OpenMP threads
+    on two cores stall badly whenever anything else runs there; None leaves torch's setting).
+    ``jobs=2`` trains the CLIP in a second process while this one trains the judge and VAE
+    (they do not depend on it); the SD3 waits for both."""
     from rewards.world import clip as C
     from rewards.world import judge as J
     from rlhf.world import sd3 as W
@@ -166,7 +176,15 @@ def build_world(
     timings: dict[str, float] = {}
     clip_dir, judge_dir, sd3_dir = out / "clip", out / "judge", out / "sd3"
 
-    if "clip" in stages and not _done(clip_dir):
+    side = None
+    if jobs > 1 and "clip" in stages and not _done(clip_dir):
+        import multiprocessing as mp
+
+        side = mp.get_context("spawn").Process(
+            target=build_world, args=(out, scale, seed, ("clip",), threads, 1)
+        )
+        side.start()
+    if side is None and "clip" in stages and not _done(clip_dir):
         t = time.time()
         model, tok, cfg = C.train_clip(
             recipe.clip_pairs,
@@ -180,7 +198,7 @@ def build_world(
         tmp = out / ".clip.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         C.save_clip(model, tok, cfg, tmp)
-        _finish(tmp, clip_dir)
+        _finish(tmp, clip_dir, time.time() - t)
         timings["clip"] = time.time() - t
         print(f"[world] clip: {timings['clip']:.0f} s", flush=True)
 
@@ -192,7 +210,7 @@ def build_world(
         tmp = out / ".judge.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         judge.save(tmp)
-        _finish(tmp, judge_dir)
+        _finish(tmp, judge_dir, time.time() - t)
         timings["judge"] = time.time() - t
         print(f"[world] judge: {timings['judge']:.0f} s", flush=True)
 
@@ -206,10 +224,14 @@ def build_world(
         tmp = out / ".vae.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         vae.save_pretrained(str(tmp), safe_serialization=True)
-        _finish(tmp, vae_dir)
+        _finish(tmp, vae_dir, time.time() - t)
         timings["vae"] = time.time() - t
         print(f"[world] vae: {timings['vae']:.0f} s", flush=True)
 
+    if side is not None:
+        side.join()
+        if side.exitcode != 0 or not _done(clip_dir):
+            raise RuntimeError(f"the clip stage failed in its process (exit {side.exitcode})")
     if "sd3" in stages and not _done(sd3_dir):
         from diffusers import AutoencoderKL
 
@@ -234,7 +256,7 @@ def build_world(
         tmp = out / ".sd3.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         W.save_pipeline(pipe, tmp)
-        _finish(tmp, sd3_dir)
+        _finish(tmp, sd3_dir, time.time() - t)
         shutil.rmtree(vae_dir)  # the diffusers folder holds its own copy
         timings["sd3"] = time.time() - t
         print(f"[world] sd3: {timings['sd3']:.0f} s", flush=True)
@@ -245,7 +267,7 @@ def build_world(
         tmp = out / ".ict.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         stats = train_world_ict(out, tmp, recipe, seed)
-        _finish(tmp, ict_dir)
+        _finish(tmp, ict_dir, time.time() - t)
         timings["ict"] = time.time() - t
         print(f"[world] ict: {timings['ict']:.0f} s {stats}", flush=True)
 
@@ -255,13 +277,17 @@ def build_world(
         report = world_report(out, recipe)
         timings["report"] = time.time() - t
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    old = {}
-    if (out / "manifest.json").is_file():
-        old = json.loads((out / "manifest.json").read_text()).get("seconds", {})
+    seconds = {
+        st: float((out / ".seconds" / st).read_text())
+        for st in STAGES
+        if (out / ".seconds" / st).is_file()
+    }
+    if "report" in timings:
+        seconds["report"] = round(timings["report"], 1)
     manifest = {
-        "command": f"rlhf world build {out} --scale {scale} --seed {seed}",
+        "command": f"rlhf world build --out {out} --scale {scale} --seed {seed} --jobs {jobs}",
         "recipe": asdict(recipe),
-        "seconds": {**old, **{k: round(v, 1) for k, v in timings.items()}},
+        "seconds": seconds,
         "files": file_table(out),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -300,7 +326,7 @@ def train_world_ict(out: Path, folder: Path, recipe: Recipe, seed: int) -> dict:
             model={"options": {"backbone": backbone}},
             data=DataConfig(train=f"{d}/train.parquet", eval=f"{d}/train.parquet", image_size=64),
             labels=LabelConfig(source="data"),
-            optim=OptimConfig(lr=1e-4, batch_size=32, epochs=recipe.ict_epochs, warmup_steps=4),
+            optim=OptimConfig(lr=2e-4, batch_size=32, epochs=recipe.ict_epochs, warmup_steps=4),
             seed=seed,
         ).validate()
         torch.manual_seed(seed)
