@@ -202,8 +202,8 @@ class Coordinator:
             params = {k: str(v)[:500] for k, v in flatten(cfg.to_dict()).items()}
             mlflow.log_params(params)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.run_id = self.run.info.run_id
         self.tracking_uri = mlflow.get_tracking_uri()
+        self.run_id = self.run.info.run_id  # set last: with it, resume_command() works
         self._localise_checkpoints()
 
     def _localise_checkpoints(self) -> None:
