@@ -8,6 +8,7 @@ is why the second kind exists.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -126,8 +127,10 @@ class Tower:
 
 
 class OpenClipBackbone(ClipBackbone):
-    """An open_clip model. ``tokenizer``: a local ``CLIPTokenizer`` folder to use instead of
-    open_clip's own (the world CLIP's small vocabulary)."""
+    """An open_clip model: ``model_name`` is a name open_clip knows, or the path of a JSON
+    model config (``embed_dim``, ``vision_cfg``, ``text_cfg``; then ``tokenizer`` is needed).
+    ``tokenizer``: a local ``CLIPTokenizer`` folder to use instead of open_clip's own (the
+    world CLIP's small vocabulary)."""
 
     def __init__(
         self, model_name: str, pretrained: str | None = None, tokenizer: str | None = None
@@ -136,11 +139,22 @@ class OpenClipBackbone(ClipBackbone):
         import open_clip
 
         register_model_configs()
-        if pretrained and os.path.isfile(str(pretrained)):
+        from_json = str(model_name).endswith(".json")
+        if from_json:
+            if not os.path.isfile(model_name):
+                raise FileNotFoundError(f"backbone.model={model_name}: no such config file")
+            if not tokenizer:
+                raise ValueError(f"backbone.model={model_name}: give extra.tokenizer as well")
+        if from_json or (pretrained and os.path.isfile(str(pretrained))):
             # A local checkpoint: build empty, then load strictly (open_clip's own loader
             # unpickles full checkpoints).
-            self.model = open_clip.create_model(model_name, pretrained=None)
-            strict_load(self.model, load_state_dict_file(pretrained), what=str(pretrained))
+            self.model = (
+                open_clip.model.CLIP(**json.loads(Path(model_name).read_text()))
+                if from_json
+                else open_clip.create_model(model_name, pretrained=None)
+            )
+            if pretrained:
+                strict_load(self.model, load_state_dict_file(pretrained), what=str(pretrained))
         else:
             self.model = open_clip.create_model(model_name, pretrained=pretrained or None)
         self.tokenizer = (

@@ -46,7 +46,7 @@ _BACKBONE_ALIASES = {
     # The miniature world's pretrained CLIP (rlhf world build), with its own tokenizer.
     "world": {
         "kind": "open_clip",
-        "model": "world-clip",
+        "model": str(world.CLIP_DIR / "open_clip_config.json"),
         "pretrained": str(world.CLIP_DIR / "open_clip.safetensors"),
         "extra": {"tokenizer": str(world.CLIP_DIR / "tokenizer")},
     },

@@ -27,7 +27,6 @@ from rewards.world import scenes as S
 log = logging.getLogger(__name__)
 
 CONTEXT_LENGTH = 32
-MODEL_NAME = "world-clip"
 PERTURBATIONS = ("colour", "shape", "swap_colours", "count", "relation", "texture")
 
 
@@ -126,8 +125,8 @@ def model_config(vocab_size: int, scale: str = "full") -> dict:
 
 
 def create_model(config: dict):
-    """An open_clip ``CLIP`` from a config dict (the shipped one is also registered with
-    open_clip as ``world-clip`` in ``rewards/model_configs``)."""
+    """An open_clip ``CLIP`` from a config dict (saved beside the weights as
+    ``open_clip_config.json``, which a backbone spec names as its ``model``)."""
     from open_clip.model import CLIP
 
     return CLIP(**config)

@@ -305,6 +305,7 @@ def train_world_ict(out: Path, folder: Path, recipe: Recipe, seed: int) -> dict:
         Objective,
         OptimConfig,
         RewardTrainConfig,
+        ScalingConfig,
         build_model,
         make_dataset,
         run_training,
@@ -316,24 +317,30 @@ def train_world_ict(out: Path, folder: Path, recipe: Recipe, seed: int) -> dict:
         clip = out / "clip"
         backbone = {
             "kind": "open_clip",
-            "model": "world-clip",
+            "model": str(clip / "open_clip_config.json"),
             "pretrained": str(clip / "open_clip.safetensors"),
             "extra": {"tokenizer": str(clip / "tokenizer")},
         }
+        n = stats["train"]["triplets"]
         cfg = RewardTrainConfig(
             name="world-ict",
             kind="ict",
             model={"options": {"backbone": backbone}},
             data=DataConfig(train=f"{d}/train.parquet", eval=f"{d}/train.parquet", image_size=64),
             labels=LabelConfig(source="data"),
-            optim=OptimConfig(lr=2e-4, batch_size=32, epochs=recipe.ict_epochs, warmup_steps=4),
+            optim=OptimConfig(
+                lr=2e-4, batch_size=min(32, max(1, n)), epochs=recipe.ict_epochs, warmup_steps=4
+            ),
+            scaling=ScalingConfig(num_workers=1),
             seed=seed,
         ).validate()
         torch.manual_seed(seed)
         model, teacher, ict = build_model(cfg)
-        run_training(
-            cfg, model, Objective(cfg, model, teacher, ict), make_dataset(cfg.data, "train"), None
-        )
+        if n:
+            train = make_dataset(cfg.data, "train")
+            run_training(cfg, model, Objective(cfg, model, teacher, ict), train, None)
+        else:  # a toy world's judge may see no winner at all: ship the CLIP itself
+            log.warning("world ict: no triplets with a winner; the ICT is the untrained CLIP")
     model.eval().half()
     # The shipped ICT names the shipped CLIP as ``backbone: world``, not this build's paths.
     model.reward_options = {"backbone": "world"}

@@ -112,7 +112,7 @@ def _world_backbone(world_dir: Path) -> dict:
     clip = world_dir / "clip"
     return {
         "kind": "open_clip",
-        "model": "world-clip",
+        "model": str(clip / "open_clip_config.json"),
         "pretrained": str(clip / "open_clip.safetensors"),
         "extra": {"tokenizer": str(clip / "tokenizer")},
     }
