@@ -18,7 +18,6 @@ checkpoint. Steps already in MLflow are not logged again after a resume or a reb
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ import numpy as np
 from actors.generator_worker import WorkerGroup, WorkerGroupError
 from actors.reward_server import RewardClient
 from actors.run_config import RunConfig
+from rewards.checkpoints import file_sha256
 from rewards.errors import UserError
 from rlhf import tracking
 from rlhf.config import ConfigError, bind, flatten
@@ -62,19 +62,11 @@ class RunFailed(RuntimeError):
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest(folder: Path, step: int) -> None:
     """Sizes and hashes of every file under ``folder``, written last and atomically: a
     checkpoint without a manifest is incomplete."""
     files = {
-        str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }
@@ -101,7 +93,7 @@ def verify_checkpoint(folder: Path) -> int:
             raise CheckpointError(
                 f"{p}: truncated or changed ({p.stat().st_size} bytes, expected {want['bytes']})"
             )
-        if _sha256(p) != want["sha256"]:
+        if file_sha256(p) != want["sha256"]:
             raise CheckpointError(f"{p}: corrupt checkpoint file (hash mismatch)")
     return int(doc["step"])
 

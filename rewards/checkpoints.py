@@ -79,3 +79,14 @@ def find_file(folder: str | os.PathLike, *names: str) -> Path:
         if (folder / n).is_file():
             return folder / n
     raise MissingPathError(f"none of {list(names)} found in {folder}")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (checkpoint and world manifests)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -268,3 +268,19 @@ def convert_pickhigh(
     """:func:`read_pickhigh` then :func:`convert_to_parquet`; returns its counts."""
     frame = read_pickhigh(pickle_path, root, split, allow_pickle=allow_pickle)
     return convert_to_parquet(frame, out_path, embed_images=embed_images)
+
+
+def write_table_atomic(table, path) -> Path:
+    """Write a pyarrow ``table`` to Parquet at ``path`` atomically (a temp file in the same
+    folder, then rename): a reader never sees half a file."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -19,7 +19,6 @@ Images are RGB PNG bytes of ``image_size`` x ``image_size``.
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import numpy as np
@@ -239,7 +238,8 @@ def write_synthetic_parquet(path, n: int, seed: int = 0, image_size: int = 64) -
     """Write ``n`` synthetic triplets (see :func:`make_triplets`) to a Parquet file, prompts
     as strings and images as binary PNG; atomic (temp file in the same folder, then rename)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
+
+    from rewards.data import write_table_atomic
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -248,10 +248,4 @@ def write_synthetic_parquet(path, n: int, seed: int = 0, image_size: int = 64) -
         [(c, pa.string()) for c in COLUMNS[:2]] + [(c, pa.binary()) for c in COLUMNS[2:]]
     )
     table = pa.table({c: [r[c] for r in rows] for c in COLUMNS}, schema=schema)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_table_atomic(table, path)

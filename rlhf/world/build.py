@@ -19,7 +19,6 @@ Stages (each writes a folder under ``out`` and is skipped when that folder is co
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rewards.checkpoints import file_sha256
 from rewards.world import scenes as S
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class Recipe:
     sd3_images: int = 12000
     vae_steps: int = 2500
     vae_batch: int = 16
-    sd3_steps: int = 1500
+    sd3_steps: int = 2400
     sd3_batch: int = 32
     ict_prompts: int = 600
     ict_epochs: int = 3
@@ -81,17 +81,9 @@ class Recipe:
         raise ValueError(f"scale={scale!r} must be 'full' or 'toy'")
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def file_table(root: Path) -> dict[str, dict]:
     return {
-        str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+        str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.name != "manifest.json" and not p.name.startswith(".")
     }
@@ -104,7 +96,7 @@ def verify_manifest(root: str | Path) -> list[str]:
     bad = []
     for name, want in manifest["files"].items():
         p = root / name
-        if not p.is_file() or p.stat().st_size != want["bytes"] or sha256(p) != want["sha256"]:
+        if not p.is_file() or p.stat().st_size != want["bytes"] or file_sha256(p) != want["sha256"]:
             bad.append(name)
     return bad
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -122,7 +121,8 @@ def write_parquet(rows: list[dict], path: str | Path) -> Path:
     """Atomic Parquet write: prompts and category as strings, images as PNG bytes, labels as
     floats."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
+
+    from rewards.data import write_table_atomic
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,13 +136,7 @@ def write_parquet(rows: list[dict], path: str | Path) -> Path:
         "category": pa.string(),
     }
     table = pa.table({c: [r[c] for r in rows] for c in cols}, schema=pa.schema(list(cols.items())))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_table_atomic(table, path)
 
 
 def build_triplets(
