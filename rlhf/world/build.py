@@ -302,17 +302,11 @@ def train_world_ict(out: Path, folder: Path, recipe: Recipe, seed: int) -> dict:
         make_dataset,
         run_training,
     )
-    from rlhf.world.triplets import build_triplets
+    from rlhf.world.triplets import build_triplets, world_backbone
 
     with tempfile.TemporaryDirectory() as d:
         stats = build_triplets(out, d, recipe.ict_prompts, 0, seed=seed, recipe=recipe)
-        clip = out / "clip"
-        backbone = {
-            "kind": "open_clip",
-            "model": str(clip / "open_clip_config.json"),
-            "pretrained": str(clip / "open_clip.safetensors"),
-            "extra": {"tokenizer": str(clip / "tokenizer")},
-        }
+        backbone = world_backbone(out)
         n = stats["train"]["triplets"]
         cfg = RewardTrainConfig(
             name="world-ict",
@@ -334,7 +328,8 @@ def train_world_ict(out: Path, folder: Path, recipe: Recipe, seed: int) -> dict:
         else:  # a toy world's judge may see no winner at all: ship the CLIP itself
             log.warning("world ict: no triplets with a winner; the ICT is the untrained CLIP")
     model.eval().half()
-    # The shipped ICT names the shipped CLIP as ``backbone: world``, not this build's paths.
+    # The ICT names the shipped CLIP (``backbone: world``), not this build's paths: a world is
+    # built to be shipped in rewards/world/assets (a build elsewhere uses its own CLIP only).
     model.reward_options = {"backbone": "world"}
     save_reward(model, folder)
     return stats["train"]

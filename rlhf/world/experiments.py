@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -33,6 +34,7 @@ class WorldFinetune:
     guidance: float = 3.0
     eval_prompts: int = 48
     seed: int = 0
+    world_dir: str | None = None  # a built world (default: the shipped one)
 
 
 def _sampler(cfg: WorldFinetune):
@@ -82,11 +84,14 @@ def finetune_world(cfg: WorldFinetune, scorers: dict | None = None, judge=None) 
     from rlhf.prompts import step_batch
     from rlhf.world.build import eval_specs
 
-    judge = judge or Judge.load(world.JUDGE_DIR)
+    root = Path(cfg.world_dir) if cfg.world_dir else world.ASSETS
+    judge = judge or Judge.load(root / "judge")
     scorers = scorers or {}
     sampler = _sampler(cfg)
     gen = load_generator(
-        GeneratorConfig(model="world", load_t5=False, gradient_checkpointing=False, seed=cfg.seed),
+        GeneratorConfig(
+            model=str(root / "sd3"), load_t5=False, gradient_checkpointing=False, seed=cfg.seed
+        ),
         FinetuneConfig(rank=cfg.rank, alpha=float(cfg.rank)) if cfg.rewards else None,
     )
     specs = eval_specs(cfg.eval_prompts)

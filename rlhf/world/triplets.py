@@ -71,7 +71,7 @@ def make_triplets(world_dir: Path, n_prompts: int, seed: int, recipe) -> tuple[l
     refined = [S.refine_prompt(p, d) for p, d in zip(easy, details)]
     i3 = [S.render(S.scene_for(s, rng, d), rng) for s, d in zip(specs, details)]
     teacher = build_reward(
-        {"name": "clip", "options": {"backbone": _world_backbone(world_dir)}}
+        {"name": "clip", "options": {"backbone": world_backbone(world_dir)}}
     ).eval()
     own = teacher(torch.from_numpy(np.stack(i3)).permute(0, 3, 1, 2), easy)
     theta = float(own.median())
@@ -107,8 +107,9 @@ def make_triplets(world_dir: Path, n_prompts: int, seed: int, recipe) -> tuple[l
     return rows, stats
 
 
-def _world_backbone(world_dir: Path) -> dict:
-    clip = world_dir / "clip"
+def world_backbone(world_dir: str | Path) -> dict:
+    """The backbone spec of the CLIP of a world built in ``world_dir``."""
+    clip = Path(world_dir) / "clip"
     return {
         "kind": "open_clip",
         "model": str(clip / "open_clip_config.json"),

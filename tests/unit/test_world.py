@@ -69,9 +69,7 @@ def test_hf_text_encoder_equals_open_clip_text_tower():
 
 def test_caption_negatives_change_exactly_what_they_name():
     rng = np.random.default_rng(3)
-    scene = S.Scene(
-        [S.Obj("circle", "red", 20, 16, 7), S.Obj("square", "blue", 40, 48, 7)], "grey"
-    )
+    scene = S.Scene([S.Obj("circle", "red", 20, 16, 7), S.Obj("square", "blue", 40, 48, 7)], "grey")
     swapped = C.perturb(scene, "swap_colours", rng)
     assert [o.colour for o in swapped.objects] == ["blue", "red"]
     assert [o.shape for o in swapped.objects] == ["circle", "square"]
@@ -95,6 +93,25 @@ def test_world_builds_at_toy_scale_and_loads_as_a_generator(tmp_path, one_torch_
     assert 0.0 <= geneval["mean"] <= 1.0 and set(geneval["n"]) == set(S.CATEGORIES)
     gen = load_generator(GeneratorConfig(model=str(out / "sd3"), load_t5=False))
     assert gen.transformer.config.in_channels == 4
+    # The fine-tuning experiment runs on a built world (two DRaFT-K steps against its CLIP;
+    # its ICT names the shipped CLIP, `backbone: world`, so it is for a shipped build).
+    from rlhf.world.experiments import WorldFinetune, finetune_world
+    from rlhf.world.triplets import world_backbone
+
+    assert json.loads((out / "ict" / "reward.json").read_text())["options"] == {"backbone": "world"}
+    run = finetune_world(
+        WorldFinetune(
+            rewards=[{"name": "clip", "options": {"backbone": world_backbone(out)}}],
+            steps=2,
+            batch_size=2,
+            sample_steps=2,
+            eval_prompts=6,
+            world_dir=str(out),
+        )
+    )
+    assert len(run["train"]) == 2 and all(np.isfinite(m["loss"]) for m in run["train"])
+    assert set(run["after"]) == set(run["before"]) >= {"geneval_mini", "jpeg_ratio"}
+    assert run["images"][1].shape == (6, 3, 64, 64)
     # A second build skips finished stages; a changed file is caught by the manifest.
     build_world(out, scale="toy", seed=0, stages=("clip",))
     w = out / "judge" / "judge.json"
@@ -123,10 +140,7 @@ def test_shipped_clip_and_judge_read_renders():
     rng = np.random.default_rng(99)
     specs = [S.sample_spec(rng, S.CATEGORIES[i % 6]) for i in range(60)]
     images = torch.stack(
-        [
-            torch.from_numpy(S.render(S.scene_for(s, rng), rng)).permute(2, 0, 1)
-            for s in specs
-        ]
+        [torch.from_numpy(S.render(S.scene_for(s, rng), rng)).permute(2, 0, 1) for s in specs]
     )
     prompts = [s.prompt() for s in specs]
     judge = build_reward({"name": "geneval_mini"})
