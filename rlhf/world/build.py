@@ -49,7 +49,7 @@ class Recipe:
     sd3_images: int = 12000
     vae_steps: int = 2500
     vae_batch: int = 16
-    sd3_steps: int = 2400
+    sd3_steps: int = 8000
     sd3_batch: int = 32
     ict_prompts: int = 600
     ict_epochs: int = 3

@@ -216,12 +216,15 @@ def new_transformer(text_encoder, scale: str = "full", seed: int = 0):
 
 
 def save_pipeline(pipe, folder: str | Path) -> Path:
-    """The diffusers folder, the transformer's weights in fp16 (half the bytes to ship;
-    loading in fp32 upcasts them)."""
+    """The diffusers folder, the transformer's and text encoders' weights in fp16 (half the
+    bytes to ship; loading in fp32 upcasts them)."""
     folder = Path(folder)
-    pipe.transformer.half()
+    parts = (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2)
+    for m in parts:
+        m.half()
     pipe.save_pretrained(str(folder), safe_serialization=True)
-    pipe.transformer.float()
+    for m in parts:
+        m.float()
     return folder
 
 
