@@ -31,7 +31,7 @@ class WorldFinetune:
     rank: int = 8
     k: int = 2
     sample_steps: int = 10
-    guidance: float = 3.0
+    guidance: float = 1.0
     eval_prompts: int = 48
     seed: int = 0
     world_dir: str | None = None  # a built world (default: the shipped one)
