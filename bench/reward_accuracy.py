@@ -23,7 +23,9 @@ from bench.common import emit
 WORLD = {"backbone": "world"}
 
 
-def run(short: bool = False, data: str | None = None, save: str | None = None) -> dict:
+def run(
+    short: bool = False, data: str | None = None, save: str | None = None, epochs: int | None = None
+) -> dict:
     from rewards import world
     from rewards.evaluate import format_table, preference_accuracy, score_triplets
     from rewards.ict_hp import ICTHPReward
@@ -51,6 +53,8 @@ def run(short: bool = False, data: str | None = None, save: str | None = None) -
         cfgs["pickscore"] = cfgs["ict"].__class__(
             **{**cfgs["ict"].__dict__, "kind": "pickscore", "name": "pickscore"}
         )
+        for cfg in cfgs.values():
+            cfg.optim.epochs = epochs or cfg.optim.epochs
         eval_ds = make_dataset(cfgs["ict"].data, "eval")
         train_ds = make_dataset(cfgs["ict"].data, "train")
         loader = make_eval_loader(eval_ds, 64)
@@ -82,6 +86,7 @@ def run(short: bool = False, data: str | None = None, save: str | None = None) -
         "triplets": stats,
         "train_triplets": len(train_ds),
         "eval_triplets": len(eval_ds),
+        "epochs": cfgs["ict"].optim.epochs,
         "accuracy": rows,
         "timings": timings,
     }
@@ -92,9 +97,10 @@ def main(argv=None) -> int:
     p.add_argument("--short", action="store_true", help="the quickstart's --fast sizes")
     p.add_argument("--data", default=None, help="a folder with train/eval.parquet to reuse")
     p.add_argument("--save", default=None, help="save the trained rewards here (table 2 uses them)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per reward (default: 3)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    return emit(run(a.short, a.data, a.save), a.out)
+    return emit(run(a.short, a.data, a.save, a.epochs), a.out)
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ def run(rewards_dir: str, steps: int, short: bool, grid_path: str | None) -> dic
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rewards", required=True, help="folder with pickscore/, ict/, hp/")
-    p.add_argument("--steps", type=int, default=40, help="DRaFT-K steps per row (default: 40)")
+    p.add_argument("--steps", type=int, default=60, help="DRaFT-K steps per row (default: 60)")
     p.add_argument("--short", action="store_true", help="two rows, 12 held-out prompts")
     p.add_argument("--grid", default=None, help="write every row's samples here (PNG)")
     p.add_argument("--out", default=None)

@@ -25,9 +25,9 @@ class WorldFinetune:
     the base, no training), and the DRaFT-K settings."""
 
     rewards: list[dict] = field(default_factory=list)
-    steps: int = 40
-    batch_size: int = 4
-    lr: float = 2e-3
+    steps: int = 60
+    batch_size: int = 8
+    lr: float = 1e-3
     rank: int = 8
     k: int = 2
     sample_steps: int = 10
