@@ -172,6 +172,7 @@ def cmd_finetune(args) -> int:
 def cmd_quickstart(args) -> int:
     from rlhf.quickstart import run_quickstart
 
+    init_ray(args.verbose)
     run_quickstart(out=Path(args.out), fast=args.fast)
     return 0
 

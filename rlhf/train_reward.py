@@ -243,7 +243,8 @@ def run_job(cfg: RewardTrainConfig, interrupt_after: int | None = None) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
+        # "local": a new Ray, never whatever cluster `ray start` left on this machine.
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", configure_logging=False)
     tracking.setup(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     sc = cfg.scaling
