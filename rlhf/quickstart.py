@@ -57,7 +57,7 @@ def reward_configs(out: Path, data_dir: Path, fast: bool) -> dict[str, RewardTra
             name=f"quickstart-{kind}-{tag}",
             kind=kind,
             model={"options": WORLD},
-            optim=OptimConfig(lr=lr, batch_size=32, epochs=1 if fast else 3, warmup_steps=4),
+            optim=OptimConfig(lr=lr, batch_size=32, epochs=1 if fast else 8, warmup_steps=4),
             mlflow=MlflowConfig(experiment="quickstart", register_as=f"quickstart-{kind}"),
             **common,
         ).validate()
