@@ -95,6 +95,8 @@ def _corrupt_data(tmp_path: Path, n: int, bad: int) -> Path:
 def test_finetune_input_errors_fail_before_anything_starts(override, key, tmp_path, store, capsys):
     import ray
 
+    if ray.is_initialized():
+        ray.shutdown()  # an earlier test module's Ray: this test checks none is started
     (tmp_path / "empty.txt").write_text("\n  \n")
     import huggingface_hub.constants as hc
 

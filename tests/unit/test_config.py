@@ -51,7 +51,7 @@ def test_bad_values_name_the_key(override, key):
 
 def test_unknown_reward_kind_in_model_spec():
     with pytest.raises(ConfigError, match="kind"):
-        load_config(RewardTrainConfig, None, ["kind=pickscore"])
+        load_config(RewardTrainConfig, None, ["kind=no_such_kind"])
 
 
 def test_malformed_yaml(tmp_path):
