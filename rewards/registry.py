@@ -161,16 +161,20 @@ def load_reward(folder: str | os.PathLike, allowed: str | None = None) -> Reward
     folder = Path(folder)
     meta = json.loads((folder / REWARD_FILE).read_text())
     name = meta.get("name")
+    _check_trusted(folder, name, allowed)
+    options = _without_pretrained(meta["options"])
+    model = build_reward(RewardSpec(name=name, options=options))
+    strict_load(model, load_state_dict_file(folder / WEIGHTS_FILE), what=str(folder))
+    return model
+
+
+def _check_trusted(folder: Path, name, allowed: str | None) -> None:
     if name not in BUILTINS and (name != allowed or not allowed):
         raise UntrustedCheckpointError(
             f"{folder / REWARD_FILE} names reward {name!r}, which is not a built-in reward"
             + (f" nor {allowed!r}, the reward your config names" if allowed else "")
             + "; refusing it: a checkpoint may not choose which code runs"
         )
-    options = _without_pretrained(meta["options"])
-    model = build_reward(RewardSpec(name=name, options=options))
-    strict_load(model, load_state_dict_file(folder / WEIGHTS_FILE), what=str(folder))
-    return model
 
 
 def _without_pretrained(options: dict) -> dict:
@@ -387,8 +391,15 @@ def check_reward(spec: RewardSpec, where: str = "reward") -> None:
         return
     if ref.startswith(("models:/", "runs:/")):
         _check_mlflow_ref(ref, key)
-    elif ref.startswith(_MLFLOW_PREFIXES) or os.path.exists(ref):
+    elif ref.startswith(_MLFLOW_PREFIXES):
         return
+    elif os.path.exists(ref):
+        # A local reward folder is read now: one that names code is refused before anything
+        # starts (MLflow and hub checkpoints are checked the same way when they are built).
+        meta = Path(ref) / REWARD_FILE
+        if meta.is_file():
+            name = json.loads(meta.read_text()).get("name")
+            _check_trusted(Path(ref), name, spec.name if ":" in spec.name else None)
     elif is_hub_id(ref):
         _check_hub_id(ref, key)
     else:

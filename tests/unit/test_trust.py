@@ -113,3 +113,22 @@ def test_unreachable_hub_id_names_the_key(tmp_path, monkeypatch):
         build_reward(spec, "rewards[1]")
     with pytest.raises(MissingPathError, match=r"rewards\[1\]\.checkpoint"):
         check_reward(RewardSpec.from_dict(spec), "rewards[1]")
+
+
+def test_finetune_refuses_a_checkpoint_that_names_code_before_anything_starts(tmp_path):
+    """The issue's folder as a fine-tuning reward: one line, exit 2, before Ray or a run."""
+    marker = tmp_path / "MARKER"
+    folder = _code_folder(tmp_path, marker)
+    config = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+    proc = _rlhf(
+        "finetune",
+        str(config),
+        f"output_dir={tmp_path / 'runs'}",
+        f"rewards=[{{name: hp, checkpoint: {folder}}}]",
+        cwd=tmp_path,
+    )
+    assert not marker.exists(), "the checkpoint's command ran"
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()
+    assert "may not choose which code runs" in err[-1] and "Traceback" not in proc.stderr
+    assert "starting a local Ray" not in proc.stdout and not (tmp_path / "runs").exists()
