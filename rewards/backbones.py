@@ -281,13 +281,19 @@ class _FolderTokenizer:
         self.tok = CLIPTokenizer.from_pretrained(str(folder))
 
     def __call__(self, texts) -> torch.Tensor:
-        return self.tok(
-            list(texts),
-            padding="max_length",
-            max_length=self.tok.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
+        return tokenize(self.tok, texts)
+
+
+def tokenize(tokenizer, texts) -> torch.Tensor:
+    """``(B, model_max_length)`` int64 ids of a ``CLIPTokenizer``, padded with its pad token
+    (end-of-text), truncated."""
+    return tokenizer(
+        list(texts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
 
 
 def build_backbone(spec: BackboneSpec | dict | None) -> ClipBackbone:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rewards.backbones import tokenize
 from rewards.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
 from rewards.bpe import bytes_to_unicode
 from rewards.world import scenes as S
@@ -130,17 +131,6 @@ def create_model(config: dict):
     from open_clip.model import CLIP
 
     return CLIP(**config)
-
-
-def tokenize(tokenizer, texts) -> torch.Tensor:
-    """``(B, context_length)`` int64 ids, padded with end-of-text, truncated."""
-    return tokenizer(
-        list(texts),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
 
 
 # --------------------------------------------------------------------------- data

@@ -359,25 +359,43 @@ def world_report(out: Path, recipe: Recipe) -> dict:
     return report
 
 
-@torch.no_grad()
-def sample_world(sd3_dir: Path, prompts: list[str], recipe: Recipe, seed: int = 0) -> torch.Tensor:
-    """``(B, 3, 64, 64)`` in [0, 1]: the project's own sampler on the world generator."""
-    from rlhf.generator import GeneratorConfig, load_generator
-    from rlhf.sampler import SamplerConfig, sample
+def world_sampler(steps: int, guidance: float):
+    """The sampler settings every world experiment uses: 64 px, no T5 tokens."""
+    from rlhf.sampler import SamplerConfig
 
-    gen = load_generator(
-        GeneratorConfig(model=str(sd3_dir), load_t5=False, gradient_checkpointing=False), None
+    return SamplerConfig(
+        steps=steps, guidance_scale=guidance, height=S.SIZE, width=S.SIZE, max_sequence_length=1
     )
-    cfg = SamplerConfig(
-        steps=recipe.sample_steps,
-        guidance_scale=recipe.guidance,
-        height=S.SIZE,
-        width=S.SIZE,
-        max_sequence_length=1,
+
+
+def load_world_generator(sd3_dir: Path, finetune=None, seed: int = 0):
+    from rlhf.generator import GeneratorConfig, load_generator
+
+    cfg = GeneratorConfig(
+        model=str(sd3_dir), load_t5=False, gradient_checkpointing=False, seed=seed
     )
-    out = []
-    for i in range(0, len(prompts), 32):
-        chunk = prompts[i : i + 32]
-        seeds = list(range(seed + i, seed + i + len(chunk)))
-        out.append(sample(gen.transformer, gen, chunk, seeds, cfg))
-    return torch.cat(out)
+    return load_generator(cfg, finetune)
+
+
+@torch.no_grad()
+def sample_chunks(gen, prompts: list[str], seeds: list[int], sampler, chunk: int = 32):
+    """``(B, 3, 64, 64)`` in [0, 1]: ``gen``'s samples of ``prompts`` (one seed each), ``chunk``
+    at a time."""
+    from rlhf.sampler import sample
+
+    return torch.cat(
+        [
+            sample(gen.transformer, gen, prompts[i : i + chunk], seeds[i : i + chunk], sampler)
+            for i in range(0, len(prompts), chunk)
+        ]
+    )
+
+
+def sample_world(
+    sd3_dir: Path, prompts: list[str], recipe: Recipe, seed: int = 0, gen=None
+) -> torch.Tensor:
+    """``(B, 3, 64, 64)`` in [0, 1]: the project's own sampler on the world generator (seeds
+    ``seed``, ``seed + 1``, ...); ``gen`` reuses an already loaded one."""
+    gen = gen or load_world_generator(sd3_dir)
+    seeds = list(range(seed, seed + len(prompts)))
+    return sample_chunks(gen, prompts, seeds, world_sampler(recipe.sample_steps, recipe.guidance))

@@ -37,31 +37,14 @@ class WorldFinetune:
     world_dir: str | None = None  # a built world (default: the shipped one)
 
 
-def _sampler(cfg: WorldFinetune):
-    from rlhf.sampler import SamplerConfig
-
-    return SamplerConfig(
-        steps=cfg.sample_steps,
-        guidance_scale=cfg.guidance,
-        height=64,
-        width=64,
-        max_sequence_length=1,
-    )
-
-
 @torch.no_grad()
 def measure(gen, specs, seeds, sampler, scorers: dict, judge) -> tuple[dict, torch.Tensor]:
     """Held-out figures of the generator ``gen`` and its images ``(B, 3, 64, 64)``."""
     from rlhf.image_stats import image_stats
-    from rlhf.sampler import sample
+    from rlhf.world.build import sample_chunks
 
     prompts = [s.prompt() for s in specs]
-    images = torch.cat(
-        [
-            sample(gen.transformer, gen, prompts[i : i + 16], seeds[i : i + 16], sampler)
-            for i in range(0, len(prompts), 16)
-        ]
-    )
+    images = sample_chunks(gen, prompts, seeds, sampler, chunk=16)
     geneval = judge.score(specs, images)
     geneval.pop("per_image")
     geneval.pop("n")
@@ -80,19 +63,18 @@ def finetune_world(cfg: WorldFinetune, scorers: dict | None = None, judge=None) 
     from rewards.world.scenes import world_prompts
     from rlhf.draft import DraftConfig, draft_step
     from rlhf.engine import EngineConfig, PlainEngine
-    from rlhf.generator import FinetuneConfig, GeneratorConfig, load_generator
+    from rlhf.generator import FinetuneConfig
     from rlhf.prompts import step_batch
-    from rlhf.world.build import eval_specs
+    from rlhf.world.build import eval_specs, load_world_generator, world_sampler
 
     root = Path(cfg.world_dir) if cfg.world_dir else world.ASSETS
     judge = judge or Judge.load(root / "judge")
     scorers = scorers or {}
-    sampler = _sampler(cfg)
-    gen = load_generator(
-        GeneratorConfig(
-            model=str(root / "sd3"), load_t5=False, gradient_checkpointing=False, seed=cfg.seed
-        ),
+    sampler = world_sampler(cfg.sample_steps, cfg.guidance)
+    gen = load_world_generator(
+        root / "sd3",
         FinetuneConfig(rank=cfg.rank, alpha=float(cfg.rank)) if cfg.rewards else None,
+        seed=cfg.seed,
     )
     specs = eval_specs(cfg.eval_prompts)
     seeds = [10_000 + i for i in range(len(specs))]

@@ -58,14 +58,15 @@ def make_triplets(world_dir: Path, n_prompts: int, seed: int, recipe) -> tuple[l
     from rewards.labels import teacher_labels
     from rewards.registry import build_reward
     from rewards.world.judge import Judge
-    from rlhf.world.build import sample_world
+    from rlhf.world.build import load_world_generator, sample_world
 
     judge = Judge.load(world_dir / "judge")
     rng = np.random.default_rng((seed, 31))
     specs = [S.sample_spec(rng, S.CATEGORIES[i % len(S.CATEGORIES)]) for i in range(n_prompts)]
     easy = [s.prompt() for s in specs]
-    a = sample_world(world_dir / "sd3", easy, recipe, seed=seed * 1_000_003)
-    b = sample_world(world_dir / "sd3", easy, recipe, seed=seed * 1_000_003 + 500_000)
+    gen = load_world_generator(world_dir / "sd3")
+    a = sample_world(world_dir / "sd3", easy, recipe, seed=seed * 1_000_003, gen=gen)
+    b = sample_world(world_dir / "sd3", easy, recipe, seed=seed * 1_000_003 + 500_000, gen=gen)
     da, db = judge.detect(a), judge.detect(b)
     details = [S.sample_detail(rng) for _ in specs]
     refined = [S.refine_prompt(p, d) for p, d in zip(easy, details)]
