@@ -150,8 +150,9 @@ class GeneratorWorker:
     # ------------------------------------------------------------------ training
 
     def step(self, step: int, prompts: Sequence[str], seeds: Sequence[int]) -> dict:
-        """One DRaFT-K update on this rank's share; returns its metrics (``skipped`` = 1 when
-        a non-finite reward or gradient on any rank made every rank skip it)."""
+        """One DRaFT-K or ReFL (``policy.draft.mode``) update on this rank's share; returns its
+        metrics (``skipped`` = 1 when a non-finite reward or gradient on any rank made every
+        rank skip it)."""
         from rlhf.draft import draft_step
 
         def score_fn(images, ps):

@@ -4,6 +4,12 @@ One step: sample with the flow-matching Euler sampler (steps ``0 .. N-K-1`` with
 gradient, the last ``K`` with), decode to images in [0, 1], score them with the weighted
 reward, and descend on ``-mean(sum_j w_j r_j) + anchor_weight * anchor``.
 
+ReFL (``mode: refl``, ImageReward's Reward Feedback Learning): sample without gradient down to
+a step ``i`` drawn from a late range, run that one step with gradient, decode the model's
+prediction of the clean latent ``x_i - sigma_i * v``, and descend on
+``refl_scale * mean(f(r))`` with ``f(r) = relu(refl_target - r)`` (the reference's
+``relu(-r + 2)``) or ``-r``. In the same terms as DRaFT: the gradient step is ``N-K``.
+
 The reward is applied through its image gradient: :func:`score_and_grad` returns the scores
 and ``g = d(sum_b sum_j w_j r_j)/d images``, and the generator backpropagates the surrogate
 ``-(images * g).sum() / B``, whose parameter gradient is that of ``-mean(weighted reward)``.
@@ -40,6 +46,8 @@ log = logging.getLogger(__name__)
 RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
 Components = dict[str, tuple[float, RewardFn]]
 K_MODES = ("fixed", "uniform")
+MODES = ("draft", "refl")
+REFL_LOSSES = ("relu", "neg")
 
 
 @dataclass
@@ -57,6 +65,13 @@ class DraftConfig:
     - ``cfg_grad`` (classifier-free guidance only): ``full``, the exact gradient through both
       branches of the guided velocity (DRaFT's definition); ``cond``, the unconditional branch
       without gradient: saves memory, but an approximation of the reward's gradient.
+    - ``mode``: ``draft`` (DRaFT-K) or ``refl`` (ReFL; ``k``, ``k_mode`` and ``k_min`` are
+      then unused). ``refl_steps``: ``[lo, hi]``, the sampler-step indices (0-based, inclusive)
+      the ReFL gradient step is drawn from, uniformly per training step (the same on every
+      rank); null: the last quarter, ``[3N // 4, N - 1]``, as the reference's 30-39 of 40.
+      ``refl_loss``: ``relu`` (``relu(refl_target - r)``) or ``neg`` (``-r``), scaled by
+      ``refl_scale`` (the reference's ``grad_scale``), averaged over the batch. The paper's
+      alternation with a pretraining loss is not implemented (nor in the released reference).
     """
 
     k: int = 1
@@ -67,6 +82,11 @@ class DraftConfig:
     reward_grad_clip: float | None = None
     cfg_grad: str = "full"
     seed: int = 0
+    mode: str = "draft"
+    refl_steps: list[int] | None = None
+    refl_loss: str = "relu"
+    refl_target: float = 2.0
+    refl_scale: float = 1e-3
 
     def validate(
         self,
@@ -76,6 +96,9 @@ class DraftConfig:
         sampler_path: str = "sampler",
         finetune_path: str = "finetune",
     ) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"{path}.mode={self.mode!r} must be one of {MODES}")
+        self._validate_refl(sampler, path, sampler_path)
         if self.k < 1:
             raise ValueError(f"{path}.k={self.k} must be >= 1")
         if self.k_mode not in K_MODES:
@@ -92,12 +115,30 @@ class DraftConfig:
             raise ValueError(f"{path}.cfg_grad={self.cfg_grad!r} must be one of {CFG_GRAD}")
         if self.reward_grad_clip is not None and self.reward_grad_clip <= 0:
             raise ValueError(f"{path}.reward_grad_clip={self.reward_grad_clip} must be > 0")
-        if sampler is not None and self.k > sampler.steps:
+        if sampler is not None and self.mode == "draft" and self.k > sampler.steps:
             raise ValueError(f"{path}.k={self.k} must be <= {sampler_path}.steps={sampler.steps}")
         if finetune is not None and self.anchor_weight > 0 and finetune.mode != "lora":
             raise ValueError(
                 f"{path}.anchor_weight={self.anchor_weight} needs {finetune_path}.mode=lora "
                 "(the anchor is the LoRA-disabled model)"
+            )
+
+    def _validate_refl(self, sampler: SamplerConfig | None, path: str, sampler_path: str) -> None:
+        if self.refl_loss not in REFL_LOSSES:
+            raise ValueError(f"{path}.refl_loss={self.refl_loss!r} must be one of {REFL_LOSSES}")
+        if self.refl_scale <= 0:
+            raise ValueError(f"{path}.refl_scale={self.refl_scale} must be > 0")
+        if self.mode == "refl" and self.lv_n:
+            raise ValueError(f"{path}.lv_n={self.lv_n} (DRaFT-LV) needs {path}.mode=draft")
+        r = self.refl_steps
+        if r is None:
+            return
+        if len(r) != 2 or not 0 <= r[0] <= r[1]:
+            raise ValueError(f"{path}.refl_steps={r} must be [lo, hi] with 0 <= lo <= hi")
+        if sampler is not None and r[1] >= sampler.steps:
+            raise ValueError(
+                f"{path}.refl_steps={r}: hi={r[1]} must be < {sampler_path}.steps={sampler.steps} "
+                "(0-based step indices)"
             )
 
 
@@ -107,6 +148,18 @@ def draw_k(cfg: DraftConfig, step: int) -> int:
     if cfg.k_mode == "fixed":
         return cfg.k
     return random.Random(cfg.seed * 1_000_003 + step).randint(cfg.k_min, cfg.k)
+
+
+def draw_refl_step(cfg: DraftConfig, steps: int, step: int) -> int:
+    """ReFL's gradient step for training step ``step`` of an ``steps``-step sampler: uniform
+    in ``cfg.refl_steps`` (default ``[3 * steps // 4, steps - 1]``), seeded by
+    ``(cfg.seed, step)`` so that every rank draws the same one."""
+    lo, hi = cfg.refl_steps or (3 * steps // 4, steps - 1)
+    if not 0 <= lo <= hi < steps:
+        raise ValueError(
+            f"draft.refl_steps=[{lo}, {hi}] must lie in [0, sampler.steps-1={steps - 1}]"
+        )
+    return random.Random(cfg.seed * 1_000_003 + step).randint(lo, hi)
 
 
 def reward_components(rewards) -> Components:
@@ -155,6 +208,24 @@ def score_and_grad(
     return Scores(total.detach(), {k: v.detach() for k, v in comps.items()}, g)
 
 
+def reward_objective(total: torch.Tensor, cfg: DraftConfig) -> tuple[torch.Tensor, float]:
+    """The loss on the weighted rewards ``total (B,)`` as ``(c (B,), loss)``: ``c_b = -B *
+    dloss/dr_b``, so that weighting each image's reward gradient by ``c_b`` in
+    :func:`surrogate_loss` gives the loss's parameter gradient.
+
+    DRaFT: ``loss = -mean(r)``, ``c = 1``. ReFL: ``loss = refl_scale * mean(f(r))`` with
+    ``f(r) = relu(refl_target - r)`` (``c = refl_scale * [r < refl_target]``, relu's
+    derivative, 0 at the kink as in torch) or ``f(r) = -r`` (``c = refl_scale``).
+    """
+    r = total.detach().float()
+    if cfg.mode == "draft":
+        return torch.ones_like(r), -float(r.mean())
+    if cfg.refl_loss == "neg":
+        return torch.full_like(r, cfg.refl_scale), -cfg.refl_scale * float(r.mean())
+    gap = cfg.refl_target - r
+    return cfg.refl_scale * (gap > 0).float(), cfg.refl_scale * float(gap.clamp(min=0).mean())
+
+
 def clip_image_grad(grad: torch.Tensor, max_norm: float | None) -> tuple[torch.Tensor, float]:
     """Scale each image's gradient down to L2 norm ``max_norm``; returns it and the mean norm
     before clipping."""
@@ -180,8 +251,9 @@ class _AdaptersDisabled:
 
 @dataclass
 class Rollout:
-    """``images (B', 3, H, W)`` in [0, 1] carrying the graph of the last K steps; ``prompts``
-    (B' of them: each prompt ``lv_n`` times under DRaFT-LV); ``anchor`` scalar or None."""
+    """``images (B', 3, H, W)`` in [0, 1] carrying the graph of the last K steps (ReFL: of
+    step ``N-K`` and its x0 prediction); ``prompts`` (B' of them: each prompt ``lv_n`` times
+    under DRaFT-LV); ``anchor`` scalar or None."""
 
     images: torch.Tensor
     prompts: list[str]
@@ -199,7 +271,9 @@ def rollout_images(
     k: int,
 ) -> Rollout:
     """Sample ``len(prompts)`` images, differentiable through the last ``k`` steps and the
-    decode. ``model`` is the transformer or a DeepSpeed engine around it."""
+    decode; under ReFL (``draft.mode``), the decode of step ``N-k``'s x0 prediction,
+    differentiable through that step. ``model`` is the transformer or a DeepSpeed engine
+    around it."""
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; they must match")
     if not 1 <= k <= sampler.steps:
@@ -252,6 +326,7 @@ def rollout_images(
             sampler.guidance_scale,
             reference,
             cfg_grad=draft.cfg_grad,
+            predict_x0=draft.mode == "refl",
         )
     return Rollout(gen.decode(out.latents), prompts, out.anchor, k)
 
@@ -282,7 +357,8 @@ def draft_step(
     step: int = 0,
     score_fn: ScoreFn | None = None,
 ) -> dict[str, float]:
-    """One DRaFT-K update on this rank's ``prompts`` (one seed each); returns metrics.
+    """One DRaFT-K (or ReFL, by ``draft.mode``) update on this rank's ``prompts`` (one seed
+    each); returns metrics.
 
     ``engine``: a DeepSpeed engine around ``gen.transformer`` (or :class:`rlhf.engine.PlainEngine`);
     every rank of a data-parallel group calls this with its own prompts and seeds.
@@ -291,11 +367,14 @@ def draft_step(
     reward, e.g. by a call to reward servers.
 
     Metrics: ``loss``, ``reward`` (mean weighted), ``reward/<name>`` (mean of each component),
-    ``anchor``, ``k``, ``image_grad_norm`` (mean, before clipping), ``grad_norm`` (if the
-    engine reports it), ``time_s``.
+    ``anchor``, ``k`` (DRaFT) or ``refl_step`` (ReFL), ``image_grad_norm`` (mean, before
+    clipping), ``grad_norm`` (if the engine reports it), ``time_s``.
     """
     t0 = time.perf_counter()
-    k = draw_k(draft, step)
+    if draft.mode == "refl":
+        k = sampler.steps - draw_refl_step(draft, sampler.steps, step)
+    else:
+        k = draw_k(draft, step)
     ro = rollout_images(engine, gen, prompts, seeds, sampler, draft, k)
     if score_fn is None:
         components = reward_components(rewards)
@@ -307,16 +386,17 @@ def draft_step(
     if scores.grad is None:
         raise ValueError("score_fn must return Scores with grad set")
     grad, grad_norm = clip_image_grad(scores.grad, draft.reward_grad_clip)
-    loss = surrogate_loss(ro, grad, draft.anchor_weight)
+    coef, reward_loss = reward_objective(scores.total, draft)
+    loss = surrogate_loss(ro, grad * coef.to(grad).view(-1, 1, 1, 1), draft.anchor_weight)
     engine.backward(loss)
     engine.step()
     anchor = float(ro.anchor.detach()) if ro.anchor is not None else 0.0
     metrics = {
-        "loss": -float(scores.total.mean()) + draft.anchor_weight * anchor,
+        "loss": reward_loss + draft.anchor_weight * anchor,
         "reward": float(scores.total.mean()),
         **{f"reward/{k_}": float(v.mean()) for k_, v in scores.components.items()},
         "anchor": anchor,
-        "k": float(ro.k),
+        **({"refl_step": float(sampler.steps - k)} if draft.mode == "refl" else {"k": float(ro.k)}),
         "image_grad_norm": grad_norm,
         "time_s": time.perf_counter() - t0,
     }

@@ -148,7 +148,8 @@ def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next
 
 @dataclass
 class RolloutResult:
-    """``latents (B, C, h, w)`` after the last step (carrying the graph of the last K steps);
+    """``latents (B, C, h, w)`` after the last step (carrying the graph of the last K steps),
+    or the x0 prediction of step ``N-K`` (``predict_x0``);
     ``anchor``: mean squared difference of the velocity to the LoRA-disabled model over the
     gradient steps (a scalar), or None."""
 
@@ -167,6 +168,7 @@ def rollout(
     base_velocity: Callable | None = None,
     start: int = 0,
     cfg_grad: str = "full",
+    predict_x0: bool = False,
 ) -> RolloutResult:
     """Euler steps ``start .. N-1``; the first ``N-K-start`` under ``torch.no_grad()``, the
     last ``K`` with gradient (if grad mode is on). The latent entering step ``N-K`` is a
@@ -175,10 +177,16 @@ def rollout(
 
     ``base_velocity``: the reference model for the anchor penalty, called like ``model``
     (same keyword arguments, same conditioning and guidance), always without gradient.
+
+    ``predict_x0`` (ReFL): stop at step ``i = N-K`` and return the model's prediction of the
+    clean latent from it, ``x_i - sigma_i * v`` (fp32, cast back to ``v``'s dtype), instead of
+    stepping on; it carries the graph of that one step.
     """
     n = len(timesteps)
     if not 0 <= k <= n - start:
         raise ValueError(f"k={k} must be in [0, {n - start}] for {n - start} remaining steps")
+    if predict_x0 and k == 0:
+        raise ValueError("predict_x0 needs k >= 1: the step whose x0 prediction is returned")
     x = latents
     first_grad = n - k
     anchor_terms = []
@@ -195,6 +203,9 @@ def rollout(
                 with torch.no_grad():
                     v_ref = velocity(base_velocity, x.detach(), t, cond, guidance_scale)
                 anchor_terms.append((v.float() - v_ref.float()).pow(2).mean())
+            if predict_x0:
+                x = (x.float() - sigmas[i].to(x.device) * v).to(v.dtype)
+                break
         x = euler_step(x, v, sigmas[i], sigmas[i + 1])
     anchor = torch.stack(anchor_terms).mean() if anchor_terms else None
     return RolloutResult(x, anchor)

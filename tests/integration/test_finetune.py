@@ -145,3 +145,35 @@ def test_non_finite_rewards_are_skipped_then_stop_the_run(ray_local, mlflow_stor
         k.startswith("train/reward/ict") or k.startswith("train/reward/hp") for k in keys
     )
     assert verify_checkpoint(checkpoint_folders(co.run_dir)[0]) == 7
+
+
+def test_refl_mode_end_to_end(ray_local, mlflow_store, tmp_path):
+    # ReFL through the same coordinator, workers (DeepSpeed ZeRO-2), reward server and MLflow.
+    from rlhf.draft import draw_refl_step
+
+    cfg = small_cfg(
+        tmp_path,
+        "policy.draft.mode=refl",
+        "policy.draft.refl_steps=[1, 3]",
+        "eval_rewards=[]",
+        "train.max_steps=3",
+        "train.eval_every=3",
+        "train.checkpoint_every=3",
+        "mlflow.register_as=null",
+    )
+    s = Coordinator(cfg, progress=False).run()
+    assert s["steps"] == 3 and s["skipped_steps"] == 0
+    client = MlflowClient()
+    hist = {k: client.get_metric_history(s["run_id"], f"train/{k}") for k in ("refl_step", "loss")}
+    # Every rank drew the same step (their mean is a whole draw), the one the config seeds.
+    d = cfg.policy.draft
+    assert {m.step: m.value for m in hist["refl_step"]} == {
+        step: draw_refl_step(d, 4, step) for step in (1, 2, 3)
+    }
+    assert not client.get_metric_history(s["run_id"], "train/k")
+    # The tiny rewards stay below refl_target: the loss is refl_scale * (target - reward).
+    reward = {m.step: m.value for m in client.get_metric_history(s["run_id"], "train/reward")}
+    assert all(r < d.refl_target for r in reward.values())
+    for m in hist["loss"]:
+        assert m.value == pytest.approx(d.refl_scale * (d.refl_target - reward[m.step]), rel=1e-5)
+    assert s["reward_after"] != s["reward_before"]  # the policy moved

@@ -206,6 +206,104 @@ def test_cfg_grad_full_is_autograd_through_both_branches():
     assert torch.nn.functional.cosine_similarity(flat["cond"], ref_flat, dim=0) < 0.99
 
 
+class _GradRecordingEngine(PlainEngine):
+    """A PlainEngine that keeps a copy of the parameter gradients each step applies."""
+
+    def step(self) -> None:
+        named = self.module.named_parameters()
+        self.grads = {n: p.grad.clone() for n, p in named if p.grad is not None}
+        super().step()
+
+
+def _refl_reference_grads(gen, reward, i, loss_fn):
+    """Reference for ReFL, by hand: the diffusers scheduler stepped without gradient to step
+    ``i``, one transformer call with gradient at step ``i``, the clean-latent prediction
+    ``x_i - sigma_i * v``, the pipeline's decode, ``loss_fn(reward)`` backpropagated."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.utils.torch_utils import randn_tensor
+
+    pipe = gen.pipe
+    gen.transformer.zero_grad(set_to_none=True)
+    sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(SAMPLER.steps)
+
+    def transformer(x, t):
+        return pipe.transformer(
+            hidden_states=x,
+            timestep=t.expand(2),
+            encoder_hidden_states=pe,
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0]
+
+    with torch.no_grad():
+        pe, _, pooled, _ = pipe.encode_prompt(
+            prompt=PROMPTS,
+            prompt_2=None,
+            prompt_3=None,
+            do_classifier_free_guidance=False,
+            max_sequence_length=SAMPLER.max_sequence_length,
+        )
+        x = randn_tensor(
+            (2, 16, SAMPLER.height // 4, SAMPLER.width // 4), generator=seeded_generators(SEEDS)
+        )
+        for t in sched.timesteps[:i]:
+            x = sched.step(transformer(x, t), t, x, return_dict=False)[0]
+    x0 = x - sched.sigmas[i] * transformer(x, sched.timesteps[i])
+    c = pipe.vae.config
+    images = pipe.vae.decode(x0 / c.scaling_factor + c.shift_factor, return_dict=False)[0]
+    scores = reward((images / 2 + 0.5).clamp(0, 1), PROMPTS)
+    loss = loss_fn(scores)
+    loss.backward()
+    return _lora_grads(gen), scores.detach(), float(loss.detach())
+
+
+def test_refl_gradient_equals_hand_written_one_step_reference():
+    gen, reward = _lora_generator(), _reward()
+    i, scale = 2, 0.5
+    base = dict(mode="refl", refl_steps=[i, i], refl_scale=scale)
+    ref_neg, r, loss_neg = _refl_reference_grads(gen, reward, i, lambda s: -scale * s.mean())
+    # A target between the two rewards: relu's kink drops one sample from the gradient.
+    target = float(r.mean())
+    assert float(r.min()) < target < float(r.max())
+    ref_relu, _, loss_relu = _refl_reference_grads(
+        gen, reward, i, lambda s: scale * torch.relu(target - s).mean()
+    )
+    diffs = {}
+    for name, cfg, ref, ref_loss in (
+        ("neg", DraftConfig(**base, refl_loss="neg"), ref_neg, loss_neg),
+        ("relu", DraftConfig(**base, refl_loss="relu", refl_target=target), ref_relu, loss_relu),
+    ):
+        gen.transformer.zero_grad(set_to_none=True)
+        engine = _GradRecordingEngine(gen.transformer, EngineConfig(lr=1e-12))
+        m = draft_step(engine, gen, reward, PROMPTS, SEEDS, SAMPLER, cfg, step=7)
+        assert m["refl_step"] == i and "k" not in m
+        assert m["loss"] == pytest.approx(ref_loss, rel=1e-5)
+        _assert_grads_close(engine.grads, ref, rtol=1e-4, atol=1e-9)
+        diffs[name] = max(float((engine.grads[n] - ref[n]).abs().max()) for n in ref)
+    print(f"ReFL grads vs reference, max abs diff: {diffs}")
+    # The kink matters: relu's gradient is not a multiple of neg's.
+    flat = {
+        k: torch.cat([g.flatten() for g in v.values()])
+        for k, v in (("neg", ref_neg), ("relu", ref_relu))
+    }
+    assert torch.nn.functional.cosine_similarity(flat["neg"], flat["relu"], dim=0) < 0.99
+
+
+def test_refl_step_is_drawn_from_the_configured_range():
+    from rlhf.draft import draw_refl_step
+
+    cfg = DraftConfig(mode="refl", refl_steps=[30, 39], seed=3)
+    draws = [draw_refl_step(cfg, 40, s) for s in range(200)]
+    assert set(draws) == set(range(30, 40))
+    assert draws == [draw_refl_step(cfg, 40, s) for s in range(200)]  # same on every rank
+    # Default: the last quarter of the steps, as the reference's 30-39 of 40.
+    assert {draw_refl_step(DraftConfig(mode="refl"), 40, s) for s in range(200)} == set(
+        range(30, 40)
+    )
+    assert {draw_refl_step(DraftConfig(mode="refl"), 4, s) for s in range(20)} == {3}
+
+
 def test_gradient_checkpointing_does_not_change_gradients():
     gen, reward = _lora_generator(checkpointing=True), _reward()
     assert gen.transformer.is_gradient_checkpointing and gen.vae.is_gradient_checkpointing
@@ -352,3 +450,16 @@ def test_draft_config_errors_name_the_key():
         DraftConfig(cfg_grad="uncond").validate()
     with pytest.raises(ValueError, match="policy.draft.k=9 must be <= policy.sampler.steps=4"):
         DraftConfig(k=9).validate(SAMPLER, path="policy.draft", sampler_path="policy.sampler")
+    # ReFL ignores K; its step range is checked against the sampler instead.
+    DraftConfig(k=9, mode="refl", refl_steps=[0, 3]).validate(SAMPLER)
+    for cfg, match in (
+        (DraftConfig(mode="refl", refl_steps=[2, 4]), r"draft.refl_steps=\[2, 4\]: hi=4"),
+        (DraftConfig(mode="refl", refl_steps=[3, 2]), r"draft.refl_steps=\[3, 2\] must be"),
+        (DraftConfig(mode="refl", refl_steps=[2]), r"draft.refl_steps=\[2\] must be"),
+        (DraftConfig(mode="refl", refl_loss="abs"), "draft.refl_loss='abs' must be one of"),
+        (DraftConfig(mode="refl", refl_scale=0), "draft.refl_scale=0 must be > 0"),
+        (DraftConfig(mode="refl", lv_n=2), "draft.lv_n=2 .* needs draft.mode=draft"),
+        (DraftConfig(mode="rlhf"), "draft.mode='rlhf' must be one of"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            cfg.validate(SAMPLER)

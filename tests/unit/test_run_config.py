@@ -48,11 +48,29 @@ def test_paper_config_is_the_paper_setting():
         ("reward_server.max_batch_size=0", "reward_server.max_batch_size"),
         ("workers.resources.num_gpus=-1", "workers.resources.num_gpus"),
         ("train.bogus=1", "train.bogus"),
+        ("policy.draft.mode=reinforce", "policy.draft.mode"),
+        ("policy.draft.refl_steps=[2, 4]", "policy.draft.refl_steps"),  # hi >= steps
+        ("policy.draft.refl_steps=[3]", "policy.draft.refl_steps"),
+        ("policy.draft.refl_loss=abs", "policy.draft.refl_loss"),
+        ("policy.draft.refl_scale=0", "policy.draft.refl_scale"),
+        ("policy.draft.refl_steps=late", "policy.draft.refl_steps"),
     ],
 )
 def test_bad_config_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
         load_config(RunConfig, QUICKSTART, [override])
+
+
+def test_refl_mode_validates_and_ignores_k():
+    cfg = load_config(RunConfig, CONFIGS / "refl.yaml")
+    d = cfg.policy.draft
+    assert (d.mode, d.refl_steps, d.refl_loss) == ("refl", [7, 9], "relu")
+    assert d.refl_steps[1] < cfg.policy.sampler.steps
+    # K is DRaFT's: ReFL does not check it against the steps; DRaFT-LV needs DRaFT.
+    cfg = load_config(RunConfig, QUICKSTART, ["policy.draft.mode=refl", "policy.draft.k=9"])
+    assert cfg.policy.draft.mode == "refl" and cfg.policy.draft.refl_steps is None
+    with pytest.raises(ConfigError, match="policy.draft.lv_n=2 .* needs policy.draft.mode=draft"):
+        load_config(RunConfig, QUICKSTART, ["policy.draft.mode=refl", "policy.draft.lv_n=2"])
 
 
 def test_negative_weights_only_when_allowed():
