@@ -1,4 +1,5 @@
-"""Triplet datasets: our Parquet files and the public Pick-High layout.
+"""Triplet datasets (our Parquet files, the public Pick-High layout) and ranked images
+(ImageRewardDB's layout, :class:`RankedDataset`).
 
 Columns (Pick-High names): ``easy_prompt``, ``refine_prompt``, ``easy_image_0`` (I1, the
 non-preferred image), ``easy_image_1`` (I2, preferred), ``refine_image`` (I3, from the
@@ -137,6 +138,10 @@ class TripletDataset(Dataset):
             "images": images,
             "labels": labels,
         }
+
+    @staticmethod
+    def collate(batch: list) -> dict:
+        return collate_triplets(batch)
 
     def scan(self) -> int:
         """Decode every row once; returns (and records) the number of unreadable rows."""
@@ -284,3 +289,116 @@ def write_table_atomic(table, path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+# --------------------------------------------------------------------------- ranked images
+
+RANKED_COLUMNS = ("prompt", "images", "ranking")
+
+
+def is_ranked_file(path: str | os.PathLike) -> bool:
+    """True when a Parquet file has ImageRewardDB's columns (``prompt, images, ranking``)."""
+    import pyarrow.parquet as pq
+
+    return set(RANKED_COLUMNS) <= set(pq.read_schema(path).names)
+
+
+class RankedDataset(Dataset):
+    """Ranked images of a prompt, ImageRewardDB's layout, from a Parquet file or DataFrame.
+
+    Columns: ``prompt`` (str), ``images`` (a list of encoded images or paths, relative to
+    ``image_root`` or absolute), ``ranking`` (a list of the same length; lower is better,
+    ties allowed, as in the reference's ``rank_pair`` data). ``dataset[i]`` is a dict:
+    ``prompt``, ``images`` float32 ``(K, 3, S, S)`` in [0, 1], ``ranking`` float32 ``(K,)``;
+    or ``None`` when the row cannot be used (bad prompt, an unreadable image, lengths that
+    differ, fewer than two distinct ranks), logged once and counted in ``num_skipped``.
+    """
+
+    def __init__(
+        self,
+        path_or_frame: str | os.PathLike | pd.DataFrame,
+        image_root: str | os.PathLike | None = None,
+        image_size: int = 64,
+    ):
+        if isinstance(path_or_frame, pd.DataFrame):
+            frame, where = path_or_frame, "DataFrame"
+        else:
+            path = Path(path_or_frame)
+            if not path.is_file():
+                raise MissingPathError(f"ranked-image file not found: {path}")
+            frame, where = pd.read_parquet(path), str(path)
+        missing = [c for c in RANKED_COLUMNS if c not in frame.columns]
+        if missing:
+            raise ConfigError(f"{where}: missing required column(s) {', '.join(missing)}")
+        self.frame = frame.reset_index(drop=True)
+        self.root = Path(image_root) if image_root is not None else None
+        self.image_size = image_size
+        self._bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    @property
+    def num_skipped(self) -> int:
+        """Distinct unusable rows seen so far in this process."""
+        return len(self._bad)
+
+    def _mark_bad(self, i: int, why: str) -> None:
+        if i not in self._bad:
+            self._bad.add(i)
+            log.warning("skipping ranked row %d: %s", i, why)
+
+    def __getitem__(self, i: int) -> dict | None:
+        row = self.frame.iloc[i]
+        if _bad_prompt(row["prompt"]):
+            self._mark_bad(i, "missing or empty prompt")
+            return None
+        try:
+            cells, ranking = list(row["images"]), [float(r) for r in row["ranking"]]
+            if len(cells) != len(ranking):
+                raise ValueError(f"{len(cells)} images but {len(ranking)} ranks")
+            if len(set(ranking)) < 2 or any(math.isnan(r) for r in ranking):
+                raise ValueError(f"ranking {ranking} gives no pair to learn from")
+            images = torch.stack([decode_image(c, self.root, self.image_size) for c in cells])
+        except Exception as e:  # PIL, None cells, non-numbers: a bad row must not kill a run
+            self._mark_bad(i, f"{type(e).__name__}: {e}")
+            return None
+        return {"prompt": row["prompt"], "images": images, "ranking": torch.tensor(ranking)}
+
+    @staticmethod
+    def collate(batch: list) -> dict:
+        return collate_ranked(batch)
+
+
+def ranked_pairs(ranking: torch.Tensor) -> torch.Tensor:
+    """Every pair of differently ranked images: ``(P, 2)`` long ``[better, worse]`` indices
+    into ``ranking`` ``(K,)`` (lower rank is better)."""
+    i, j = torch.triu_indices(len(ranking), len(ranking), offset=1)
+    keep = ranking[i] != ranking[j]
+    i, j = i[keep], j[keep]
+    first_better = ranking[i] < ranking[j]
+    return torch.stack([torch.where(first_better, i, j), torch.where(first_better, j, i)], -1)
+
+
+def collate_ranked(batch: list) -> dict:
+    """Drop ``None`` rows; flatten the rest: ``prompts`` (N str, one per image), ``images``
+    ``(N, 3, S, S)``, ``pairs`` ``(P, 2)`` long ``[better, worse]`` indices into the N images.
+    A batch of only bad rows gives N = 0 (images ``(0, 3, 0, 0)``, no pairs)."""
+    rows = [b for b in batch if b is not None]
+    if not rows:
+        return {
+            "prompts": [],
+            "images": torch.empty(0, 3, 0, 0),
+            "pairs": torch.empty(0, 2, dtype=torch.long),
+        }
+    prompts, pairs, start = [], [], 0
+    for r in rows:
+        k = r["images"].shape[0]
+        prompts += [r["prompt"]] * k
+        pairs.append(ranked_pairs(r["ranking"]) + start)
+        start += k
+    return {
+        "prompts": prompts,
+        "images": torch.cat([r["images"] for r in rows]),
+        "pairs": torch.cat(pairs),
+    }

@@ -65,6 +65,27 @@ def score_triplets(
 
 
 @torch.no_grad()
+def pair_accuracy(
+    reward: RewardModel, loader: DataLoader, device: str | torch.device = "cpu"
+) -> dict[str, float]:
+    """Over a :class:`rewards.data.RankedDataset` loader: the percentage of ranked pairs whose
+    better image scores strictly higher (``pair_acc``; also ``mean``, the key that reward
+    training ranks checkpoints by)."""
+    right = total = 0
+    for batch in loader:
+        if not batch["images"].shape[0]:
+            continue
+        s = reward(batch["images"].to(device), batch["prompts"]).float().cpu()
+        pairs = batch["pairs"]
+        right += int((s[pairs[:, 0]] > s[pairs[:, 1]]).sum())
+        total += len(pairs)
+    if not total:
+        raise ValueError("no ranked pairs to evaluate")
+    acc = 100.0 * right / total
+    return {"pair_acc": acc, "mean": acc}
+
+
+@torch.no_grad()
 def evaluate_reward(
     label: str,
     reward: RewardModel,

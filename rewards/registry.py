@@ -304,6 +304,13 @@ def _build_ict_hp(options: dict, ckpt: Path | None) -> RewardModel:
     return _tag(model, "ict_hp", options)
 
 
+def _build_imagereward(options: dict, ckpt: Path | None) -> RewardModel:
+    from rewards.imagereward import build_imagereward
+
+    model, opts = build_imagereward(options, ckpt)
+    return _tag(model, "imagereward", opts)
+
+
 def _build_geneval_mini(options: dict, ckpt: Path | None) -> RewardModel:
     from rewards.world.geneval import GenEvalMini
     from rewards.world.judge import Judge
@@ -331,6 +338,10 @@ BUILTINS: dict[str, tuple[Callable, str]] = {
         "HPSv2: open_clip ViT-H-14 + HPS_v2(.1)_compressed.pt from xswu/HPSv2, cosine",
     ),
     "aesthetic": (_build_aesthetic, "LAION aesthetic MLP on CLIP ViT-L/14 image features"),
+    "imagereward": (
+        _build_imagereward,
+        "ImageReward: BLIP ViT-L/16 + BERT cross-attention + MLP head (THUDM/ImageReward.pt)",
+    ),
     "geneval_mini": (
         _build_geneval_mini,
         "GenEval in miniature: the world's judge, 1 if an image meets its prompt (eval only)",

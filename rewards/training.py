@@ -18,21 +18,23 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from rewards.data import TripletDataset, collate_triplets
-from rewards.evaluate import preference_accuracy, score_triplets
+from rewards.data import RankedDataset, TripletDataset, is_ranked_file
+from rewards.evaluate import pair_accuracy, preference_accuracy, score_triplets
 from rewards.labels import fill_labels, rule_labels, teacher_labels
 from rewards.losses import hp_loss, ict_hp_loss, ict_loss, pairwise_loss
 from rewards.registry import RewardSpec, build_reward
 
 log = logging.getLogger(__name__)
 # ict and hp as the paper; pickscore: a CLIP trained on I2 > I1 alone with PickScore's
-# recipe (the paper's pairwise baseline).
-KINDS = ("ict", "hp", "pickscore")
+# recipe (the paper's pairwise baseline); imagereward: BLIP + MLP on ranked pairs (ImageReward).
+KINDS = ("ict", "hp", "pickscore", "imagereward")
 
 
 @dataclass
 class DataConfig:
-    """``train``/``eval``: a Parquet triplet file, or ``synthetic`` (generated and cached)."""
+    """``train``/``eval``: a Parquet triplet file, or ``synthetic`` (generated and cached); for
+    ``kind: imagereward`` also a Parquet file of ranked images (ImageRewardDB's ``prompt,
+    images, ranking``, see :class:`rewards.data.RankedDataset`)."""
 
     train: str = "synthetic"
     eval: str = "synthetic"
@@ -141,6 +143,11 @@ class RewardTrainConfig:
             p = getattr(self.data, split)
             if p != "synthetic" and not Path(p).exists():
                 raise ValueError(f"data.{split}={p!r}: no such file (or use 'synthetic')")
+            if p != "synthetic" and self.kind != "imagereward" and is_ranked_file(p):
+                raise ValueError(
+                    f"data.{split}={p!r} holds ranked images (prompt, images, ranking): "
+                    "only kind=imagereward trains on them"
+                )
         if self.labels.source not in ("data", "teacher", "rule"):
             raise ValueError(f"labels.source={self.labels.source!r} must be data, teacher or rule")
         if self.labels.source == "teacher" and not self.labels.teacher:
@@ -191,10 +198,10 @@ def dataset_path(cfg: DataConfig, split: str) -> Path:
     return out
 
 
-def make_dataset(cfg: DataConfig, split: str) -> TripletDataset:
-    return TripletDataset(
-        dataset_path(cfg, split), image_root=cfg.image_root, image_size=cfg.image_size
-    )
+def make_dataset(cfg: DataConfig, split: str) -> TripletDataset | RankedDataset:
+    path = dataset_path(cfg, split)
+    cls = RankedDataset if is_ranked_file(path) else TripletDataset
+    return cls(path, image_root=cfg.image_root, image_size=cfg.image_size)
 
 
 class _SkippingSampler(DistributedSampler):
@@ -218,12 +225,12 @@ def make_train_loader(
         ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
     )
     return DataLoader(
-        ds, batch_size=batch_size, sampler=sampler, collate_fn=collate_triplets, drop_last=True
+        ds, batch_size=batch_size, sampler=sampler, collate_fn=ds.collate, drop_last=True
     )
 
 
 def make_eval_loader(ds: TripletDataset, batch_size: int) -> DataLoader:
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate_triplets)
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=ds.collate)
 
 
 # --------------------------------------------------------------------------- objective
@@ -277,6 +284,21 @@ class Objective:
             )
         return fill_labels(labels, computed)
 
+    def _ranked(self, batch) -> dict[str, torch.Tensor]:
+        """ImageReward's loss: ``softplus(worse - better)`` on raw head outputs, the mean
+        over every ranked pair of the global batch. Triplets give I1 < I2, I2 < I3, I1 < I3."""
+        if "pairs" in batch:
+            images, prompts, pairs = batch["images"], batch["prompts"], batch["pairs"]
+        else:
+            b = batch["images"].shape[0]
+            images = batch["images"].reshape(b * 3, *batch["images"].shape[2:])
+            prompts = [p for p in batch["easy_prompt"] for _ in range(3)]
+            # [better, worse] within each triplet (I1, I2, I3 at 3i, 3i+1, 3i+2).
+            pairs = torch.tensor([[1, 0], [2, 1], [2, 0]], device=images.device)
+            pairs = (pairs + 3 * torch.arange(b, device=images.device).view(b, 1, 1)).view(-1, 2)
+        logits = self.model.logits(images, prompts)
+        return pairwise_loss(_gather(logits[pairs[:, 1]]), _gather(logits[pairs[:, 0]]))
+
     def __call__(self, batch) -> dict[str, torch.Tensor]:
         images = batch["images"]  # (B, 3, 3, H, W)
         b = images.shape[0]
@@ -299,6 +321,8 @@ class Objective:
                 lc.neg_threshold,
                 lc.neg_sharpness,
             )
+        if self.cfg.kind == "imagereward":
+            return self._ranked(batch)
         if self.cfg.kind == "pickscore":
             prompts = list(batch["easy_prompt"])
             s1 = self.model.score(images[:, 0], prompts)
@@ -381,6 +405,8 @@ def evaluate_model(model, loader) -> dict[str, float]:
     was = model.training
     model.eval()
     try:
+        if isinstance(loader.dataset, RankedDataset):
+            return pair_accuracy(model, loader, device)
         return preference_accuracy(score_triplets(model, loader, device, progress=False))
     finally:
         model.train(was)
