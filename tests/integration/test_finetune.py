@@ -2,6 +2,8 @@
 reward servers, MLflow, checkpoints; with faults injected (dead server, dead worker,
 non-finite rewards)."""
 
+import math
+
 import pytest
 import ray
 import torch
@@ -177,3 +179,73 @@ def test_refl_mode_end_to_end(ray_local, mlflow_store, tmp_path):
     for m in hist["loss"]:
         assert m.value == pytest.approx(d.refl_scale * (d.refl_target - reward[m.step]), rel=1e-5)
     assert s["reward_after"] != s["reward_before"]  # the policy moved
+
+
+def test_refl_against_imagereward_from_a_server_colocated_and_in_eval(
+    ray_local, mlflow_store, tmp_path
+):
+    # The paper's row "ReFL against ImageReward" on the tiny BLIP: one ImageReward (seeded
+    # alike, so the same weights) optimised from a reward server and colocated in the workers
+    # under two labels, half the weight each, and scored once more as an eval-only reward.
+    ir = "name: imagereward, options: {size: tiny}"
+    cfg = small_cfg(
+        tmp_path,
+        "policy.draft.mode=refl",
+        "policy.draft.refl_steps=[1, 3]",
+        f"rewards=[{{{ir}, label: ir_server, placement: server, weight: 0.5}},"
+        f" {{{ir}, label: ir_local, placement: colocated, weight: 0.5}}]",
+        f"eval_rewards=[{{{ir}}}]",
+        "train.max_steps=2",
+        "train.eval_every=2",
+        "train.checkpoint_every=2",
+        "mlflow.register_as=null",
+    )
+    cfg.check_inputs()  # as `rlhf finetune` does
+    assert [s.key for s in cfg.reward_specs()] == ["ir_server", "ir_local"]
+    # While the run's server is up: its scores and weighted image gradient are the colocated
+    # model's (64 px images: the 32 px BLIP's resize is in the graph).
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    prompts = ["a red circle", "two blue squares"]
+    served = {}
+
+    def ask_server(co, step, m):
+        if step == 1:
+            served["scores"], served["grad"] = co.clients["ir_server"].score_and_grad(
+                images, prompts, 0.5
+            )
+
+    s = Coordinator(cfg, progress=False, on_step=ask_server).run()
+    assert s["steps"] == 2 and s["skipped_steps"] == 0
+    run, client = s["run_id"], MlflowClient()
+
+    def history(key):
+        return {m.step: m.value for m in client.get_metric_history(run, key)}
+
+    train = {k: history(f"train/reward/{k}") for k in ("ir_server", "ir_local")}
+    for k, h in train.items():
+        assert sorted(h) == [1, 2] and all(map(math.isfinite, h.values())), (k, h)
+        assert len(set(h.values())) == 2, (k, h)  # not a constant: the images changed
+    for step, v in train["ir_server"].items():  # the same images through both placements
+        assert v == pytest.approx(train["ir_local"][step], rel=1e-5, abs=1e-6)
+    # ReFL descended on the weighted sum: refl_scale * relu(refl_target - reward).
+    d, loss = cfg.policy.draft, history("train/loss")
+    for step, r in history("train/reward").items():
+        assert r == pytest.approx(0.5 * train["ir_server"][step] + 0.5 * train["ir_local"][step])
+        assert loss[step] == pytest.approx(d.refl_scale * max(0.0, d.refl_target - r), rel=1e-5)
+    # Every placement is evaluated, the eval-only entry under its short name.
+    for key in ("eval/reward/ir_server", "eval/reward/ir_local", "eval/reward/imagereward"):
+        h = history(key)
+        assert sorted(h) == [0, 2] and all(map(math.isfinite, h.values())), (key, h)
+    torch.testing.assert_close(
+        history("eval/reward/imagereward"), history("eval/reward/ir_local"), rtol=1e-5, atol=1e-6
+    )
+    assert s["reward_after"] != s["reward_before"]  # the policy moved
+    # The server's answer at step 1 against the colocated build (seed, then build, as a worker).
+    torch.manual_seed(cfg.seed)
+    local = build_reward(cfg.reward_specs()[1]).eval().requires_grad_(False)
+    x = images.clone().requires_grad_(True)
+    scores = local.score(x, prompts)
+    (0.5 * scores.sum()).backward()
+    torch.testing.assert_close(served["scores"], scores.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(served["grad"], x.grad, rtol=1e-4, atol=1e-7)
+    assert x.grad.abs().sum() > 0
