@@ -23,10 +23,12 @@ import logging
 import os
 import shlex
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from actors.generator_worker import WorkerGroup, WorkerGroupError
 from actors.reward_server import RewardClient
@@ -181,7 +183,7 @@ class Coordinator:
             self.last_logged = max(
                 tracking.logged_steps(self.resume_run_id, "train/loss"), default=-1
             )
-            print(f"resuming run {self.resume_run_id} (logged up to step {self.last_logged})")
+            _say(f"resuming run {self.resume_run_id} (logged up to step {self.last_logged})")
         else:
             cfg = self.cfg
             tracking.setup(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
@@ -227,14 +229,14 @@ class Coordinator:
                 self.clients[spec.key] = RewardClient(
                     spec, self.cfg.reward_server, seed=self.cfg.seed
                 ).start()
-                print(f"reward server {spec.key} ready ({time.perf_counter() - t:.1f}s)")
+                _say(f"reward server {spec.key} ready ({time.perf_counter() - t:.1f}s)")
 
     def _start_group(self, resuming: bool = False) -> int:
         """Start the worker group and restore the newest good checkpoint; returns its step
         (0: none, which ``resuming`` refuses: the run's logged steps would be retrained)."""
         t = time.perf_counter()
         self.group = WorkerGroup(self.cfg, self.clients).start()
-        print(
+        _say(
             f"{self.cfg.workers.num_workers} generator worker(s) ready ({time.perf_counter() - t:.1f}s)"
         )
         for folder in checkpoint_folders(self.run_dir):
@@ -242,17 +244,17 @@ class Coordinator:
                 verify_checkpoint(folder)  # raises, naming the bad file
                 step, state = self.group.load(str(folder / "resume"))
             except CheckpointError as e:
-                print(f"skipping checkpoint: {e}")
+                _say(f"skipping checkpoint: {e}")
                 log.error("%s", e)
                 continue
             except WorkerGroupError as e:
-                print(f"skipping checkpoint {folder}: cannot load it ({e.__cause__ or e})")
+                _say(f"skipping checkpoint {folder}: cannot load it ({e.__cause__ or e})")
                 self.group.kill()
                 self.group = WorkerGroup(self.cfg, self.clients).start()
                 continue
             self.best, self.best_step = state.get("best"), state.get("best_step")
             self.skipped_total = state.get("skipped_total", 0)
-            print(f"restored {folder.name} (step {step})")
+            _say(f"restored {folder.name} (step {step})")
             return step
         if resuming:
             raise ResumeError(
@@ -282,19 +284,6 @@ class Coordinator:
         ops, self._pending_logs = self._pending_logs, []
         for op in ops:
             op.wait()
-
-    def _progress(self, step: int, m: dict, t0: float, start: int) -> None:
-        total = self.cfg.train.max_steps
-        done = step - start
-        rate = done / max(time.perf_counter() - t0, 1e-9)
-        eta = (total - step) / rate if rate > 0 else float("nan")
-        flag = " (skipped: non-finite reward)" if m.get("skipped") else ""
-        print(
-            f"step {step}/{total} loss {m.get('loss', float('nan')):+.4f} "
-            f"reward {m.get('reward', float('nan')):.4f} "
-            f"{m.get('images_per_s', 0):.2f} img/s ETA {eta:.0f}s{flag}",
-            flush=True,
-        )
 
     # ------------------------------------------------------------------ evaluation
 
@@ -332,7 +321,7 @@ class Coordinator:
         parts = " ".join(
             f"{k.split('/')[-1]}={v:.4f}" for k, v in metrics.items() if "/reward" in k
         )
-        print(f"eval @ step {step}: {parts}", flush=True)
+        _say(f"eval @ step {step}: {parts}")
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
@@ -377,12 +366,12 @@ class Coordinator:
                 self.cfg.mlflow.register_as, str(v), "step", str(step)
             )
             mlflow.set_tag("rlhf.last_policy_version", str(v))
-            print(
+            _say(
                 f"checkpoint step {step}: registered {self.cfg.mlflow.register_as} v{v}"
                 f"{' (best)' if is_best else ''}"
             )
         else:
-            print(f"checkpoint step {step}: {folder}")
+            _say(f"checkpoint step {step}: {folder}")
 
     # ------------------------------------------------------------------ the loop
 
@@ -392,7 +381,7 @@ class Coordinator:
         from rlhf.prompts import read_prompts, step_batch
 
         t_start = time.perf_counter()
-        step = 0
+        step, bar = 0, None
         try:
             self._start_run()
             cfg = self.cfg
@@ -402,7 +391,15 @@ class Coordinator:
             prompts = read_prompts(p.train, p.column, p.synthetic_train, seed=cfg.seed)
             if step == 0:
                 self.evaluate(0)
-            t0, start = time.perf_counter(), step
+            if self.progress:
+                bar = tqdm(
+                    total=cfg.train.max_steps,
+                    initial=step,
+                    desc="finetune",
+                    unit="step",
+                    file=sys.stdout,
+                    dynamic_ncols=True,
+                )
             stop_reason = "max_steps"
             while step < cfg.train.max_steps:
                 nxt = step + 1
@@ -423,8 +420,9 @@ class Coordinator:
                     self.bad_in_row = 0
                 m["skipped_total"] = self.skipped_total
                 self._log({f"train/{k}": v for k, v in m.items()}, step)
-                if self.progress:
-                    self._progress(step, m, t0, start)
+                if bar is not None:
+                    bar.set_postfix_str(_step_summary(m), refresh=False)
+                    bar.update(step - bar.n)  # back after a rebuild
                 if self.on_step is not None:
                     self.on_step(self, step, m)
                 if self.bad_in_row >= cfg.train.max_bad_steps:
@@ -488,6 +486,8 @@ class Coordinator:
                 f"{cause}; resume with: {self.resume_command()}"
             ) from e
         finally:
+            if bar is not None:
+                bar.close()
             self.shutdown()
 
     def resume_command(self) -> str:
@@ -531,7 +531,7 @@ class Coordinator:
                 f"generator group failed {self.rebuilds} times (workers.max_rebuilds="
                 f"{self.cfg.workers.max_rebuilds}): {err}"
             ) from err
-        print(f"generator group failed ({err}); rebuilding from the last checkpoint", flush=True)
+        _say(f"generator group failed ({err}); rebuilding from the last checkpoint")
         self.group.kill()
         self.last_logged = max(self.last_logged, self.high_water)
         return self._start_group()
@@ -546,6 +546,20 @@ class Coordinator:
             except Exception:  # best effort at teardown
                 pass
         self.clients = {}
+
+
+def _say(line: str) -> None:
+    """A console line; a progress bar on screen is redrawn below it."""
+    tqdm.write(line)
+    sys.stdout.flush()
+
+
+def _step_summary(m: dict) -> str:
+    flag = " (skipped: non-finite reward)" if m.get("skipped") else ""
+    return (
+        f"loss {m.get('loss', float('nan')):+.4f} reward {m.get('reward', float('nan')):.4f} "
+        f"{m.get('images_per_s', 0):.2f} img/s{flag}"
+    )
 
 
 def _first_line(e: BaseException) -> str:

@@ -213,15 +213,6 @@ class GeneratorWorker:
 
         return load_resume(self.engine, folder)
 
-    def ping(self) -> int:
-        return self.rank
-
-    def shutdown(self) -> None:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
 
 class WorkerGroupError(RuntimeError):
     """A worker died or failed; the group must be rebuilt."""

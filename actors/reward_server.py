@@ -8,7 +8,8 @@ own (per-sample preprocessing, no batch statistics), so a request's scores and g
 depend on what it was batched with.
 
 :class:`RewardClient` is the caller's side: a picklable handle that creates or finds the named
-server and resends a call when the server died and Ray restarted it.
+server. Ray restarts a dead server (``resources.max_restarts``) and resends the calls lost
+with it: the server's methods are pure, so each is marked ``max_task_retries=-1``.
 
 Wire format: the client sends numpy arrays, because Ray moves those through its object store
 without pickling (torch tensors are pickled, several times slower at image sizes). The server
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 import torch
-from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 
 from actors.options import ActorResources, actor_options
 from rewards.base import _RANGE_TOL, check_images
@@ -54,10 +55,7 @@ class ServerConfig:
     batch_wait_ms: how long the oldest queued request waits for others to join its batch.
         0 (default) batches only what queued up while the previous forward ran: no added
         latency for a lone caller, and concurrent callers still share forwards.
-    retries: how many deaths of the server one call survives (it is resent each time);
-        restart_timeout_s: how long a call waits for a restarting server; backoff_s: the
-        first pause before a resend, doubling up to 4 s. timeout_s: per call, None waits as
-        long as it takes.
+    timeout_s: per call, None waits as long as it takes (a restarting server included).
     forward_threads: batches computed at the same time. 0 picks: 1 on a GPU, else the
         server's whole CPUs (a tiny model's forward keeps few cores busy on its own; two
         batches side by side do). Each forward keeps the process's torch threads.
@@ -66,11 +64,8 @@ class ServerConfig:
     resources: ActorResources = field(default_factory=ActorResources)
     max_batch_size: int = 64
     batch_wait_ms: float = 0.0
-    retries: int = 5
-    backoff_s: float = 0.5
     timeout_s: float | None = None
     forward_threads: int = 0
-    restart_timeout_s: float = 300.0
 
     def validate(self, path: str = "reward_server") -> None:
         self.resources.validate(f"{path}.resources")
@@ -78,14 +73,8 @@ class ServerConfig:
             raise ValueError(f"{path}.max_batch_size={self.max_batch_size} must be >= 1")
         if not 0 <= self.batch_wait_ms <= 10_000:
             raise ValueError(f"{path}.batch_wait_ms={self.batch_wait_ms} must be in [0, 10000]")
-        if self.retries < 0:
-            raise ValueError(f"{path}.retries={self.retries} must be >= 0")
-        if self.backoff_s < 0:
-            raise ValueError(f"{path}.backoff_s={self.backoff_s} must be >= 0")
         if self.timeout_s is not None and self.timeout_s <= 0:
             raise ValueError(f"{path}.timeout_s={self.timeout_s} must be > 0 or null")
-        if not self.restart_timeout_s > 0:
-            raise ValueError(f"{path}.restart_timeout_s={self.restart_timeout_s} must be > 0")
         if not isinstance(self.forward_threads, int) or self.forward_threads < 0:
             raise ValueError(
                 f"{path}.forward_threads={self.forward_threads!r} must be an integer >= 0 "
@@ -152,12 +141,12 @@ class RewardServer:
         self._executor = ThreadPoolExecutor(self.forward_threads, thread_name_prefix="forward")
         self._slots: asyncio.Semaphore | None = None
         self._tasks: set[asyncio.Task] = set()
-        self.restarts = _count_start()
         self.stats = {"batches": 0, "requests": 0, "images": 0, "errors": 0, "compute_s": 0.0}
         log.info("reward server %s on %s (pid %d)", self.spec.key, self.device, os.getpid())
 
     # ------------------------------------------------------------------ public methods
 
+    @ray.method(max_task_retries=-1)
     async def score(self, images, prompts: Sequence[str] | None):
         """Args: images ``(B, 3, H, W)`` float in [0, 1], torch or numpy; prompts ``B``
         strings (None for an image-only reward). Returns: scores ``(B,)`` float32, CPU."""
@@ -165,6 +154,7 @@ class RewardServer:
         scores, _ = await self._submit(req)
         return _out(scores, as_numpy)
 
+    @ray.method(max_task_retries=-1)
     async def score_and_grad(self, images, prompts: Sequence[str] | None, weight: float = 1.0):
         """Returns ``(scores (B,) float32, grad (B, 3, H, W))`` with
         ``grad = d(weight * sum(scores)) / d(images)`` in the images' dtype, CPU."""
@@ -172,21 +162,20 @@ class RewardServer:
         scores, grad = await self._submit(req)
         return _out(scores, as_numpy), _out(grad, as_numpy)
 
+    @ray.method(max_task_retries=-1)
     async def ping(self) -> bool:
         return True
 
+    @ray.method(max_task_retries=-1)
     async def info(self) -> dict:
-        """Name, device, and counts: ``batches`` (forwards run), ``requests``, ``images``,
-        ``errors`` (requests refused or failed), ``compute_s`` (time spent in forwards);
-        ``restarts``: how often Ray restarted this server after it died (``restarted``:
-        at least once). The counts start at 0 in each process."""
+        """Name, device, pid, and counts: ``batches`` (forwards run), ``requests``,
+        ``images``, ``errors`` (requests refused or failed), ``compute_s`` (time spent in
+        forwards). The counts start at 0 in each process (a restart shows as a new pid)."""
         return {
             "name": self.spec.key,
             "reward": getattr(self.model, "reward_name", self.spec.name),
             "device": str(self.device),
             "pid": os.getpid(),
-            "restarted": self.restarts > 0,
-            "restarts": self.restarts,
             "max_batch_size": self.max_batch_size,
             "batch_wait_ms": self.batch_wait_s * 1000,
             "forward_threads": self.forward_threads,
@@ -385,27 +374,6 @@ def _auto_threads(device: torch.device) -> int:
     return max(1, int(cpus))
 
 
-def _count_start() -> int:
-    """How many times this actor started before (0 for a fresh one).
-
-    Ray 2.60's ``was_current_actor_reconstructed`` stays False after a restart that
-    ``ray.kill(no_restart=False)`` caused, so each start is counted in Ray's internal KV store,
-    keyed by the actor id (which a restart keeps).
-    """
-    try:
-        from ray.experimental import internal_kv
-
-        actor_id = ray.get_runtime_context().get_actor_id()
-        if actor_id is None:
-            return 0
-        key = f"reward-server-starts:{actor_id}"
-        before = int(internal_kv._internal_kv_get(key, namespace="rlhf") or 0)
-        internal_kv._internal_kv_put(key, str(before + 1), overwrite=True, namespace="rlhf")
-        return before
-    except Exception:  # not inside an actor, or no Ray
-        return 0
-
-
 def _out(t: torch.Tensor, as_numpy: bool):
     # Split views share the batch's storage; torch pickling would ship all of it.
     return t.numpy() if as_numpy else t.clone()
@@ -429,10 +397,9 @@ class RewardClient:
     other processes find it by name. Create it from the driver or the coordinator, so that
     the server's lifetime follows that process and not a worker's.
 
-    Calls that fail because the server died are resent once Ray has restarted it (up to
-    ``config.retries`` deaths per call, waiting up to ``config.restart_timeout_s`` for a
-    restart); a server gone for good is created again. A bad request raises the server's
-    ``ValueError`` at once.
+    Ray resends calls lost to a server that died and restarts it (see the module's note); a
+    server gone for good (killed without restart, or out of ``max_restarts``) is created
+    again once per call. A bad request raises the server's ``ValueError`` at once.
     """
 
     def __init__(
@@ -511,42 +478,22 @@ class RewardClient:
             return False
 
     def _call(self, method: str, *args):
-        cfg = self.config
-        delay, deaths, deadline = cfg.backoff_s, 0, None
+        recreated = False
         while True:
             try:
                 ref = getattr(self.handle, method).remote(*args)
-                return ray.get(ref, timeout=cfg.timeout_s)
+                return ray.get(ref, timeout=self.config.timeout_s)
             except RayTaskError as e:
                 if isinstance(e.cause, ValueError):
                     raise e.cause from None
                 raise
             except RayActorError as e:
-                if e.actor_init_failed:
+                if e.actor_init_failed or recreated:
                     raise
-                if isinstance(e, ActorUnavailableError):
-                    # Restarting: loading a model in a fresh process can take a while on a
-                    # busy machine; wait for it up to restart_timeout_s.
-                    deadline = deadline or time.monotonic() + cfg.restart_timeout_s
-                    if time.monotonic() > deadline:
-                        raise
-                else:
-                    deaths += 1
-                    if deaths > cfg.retries:
-                        raise
-                log.warning(
-                    "reward server %s unavailable (%s); died %d/%d times, retry in %.1fs",
-                    self.name,
-                    type(e).__name__,
-                    deaths,
-                    cfg.retries,
-                    delay,
-                )
-                time.sleep(delay)
-                delay = min(2 * delay, 4.0)
-                # Looked up again: the same actor while Ray restarts it, a new one if it is gone
-                # for good. The old handle is replaced only after the lookup: dropping the
-                # creator's last handle first would make Ray destroy a restarting server.
+                log.warning("reward server %s is gone (%s); creating it again", self.name, e)
+                recreated = True
+                # Replaced only after the lookup: dropping the creator's last handle first
+                # would make Ray destroy a server it is still restarting.
                 self._handle = self._get_or_create()
 
 

@@ -1,4 +1,4 @@
-"""Rewards by name or import path, their checkpoints, and weighted sums of several.
+"""Rewards by name or import path, and their checkpoints.
 
 A reward spec (one entry of a config's ``rewards:`` list)::
 
@@ -16,17 +16,15 @@ import importlib
 import json
 import logging
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from rewards import world
 from rewards.backbones import TINY_HF_CLIP_DIR, TINY_OPEN_CLIP, BackboneSpec, build_backbone
-from rewards.base import RewardModel, check_images
+from rewards.base import RewardModel
 from rewards.checkpoints import find_file, load_state_dict_file, strict_load
 from rewards.errors import ConfigError, MissingPathError, UntrustedCheckpointError
 from rewards.hp import AestheticReward, HPReward
@@ -38,7 +36,6 @@ log = logging.getLogger(__name__)
 PLACEMENTS = ("colocated", "server")
 REWARD_FILE = "reward.json"
 WEIGHTS_FILE = "model.safetensors"
-_HUB_ID = re.compile(r"^[\w-][\w.-]*/[\w.-]+$")
 _MLFLOW_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/")
 _BACKBONE_ALIASES = {
     "tiny": {"kind": "open_clip", "model": TINY_OPEN_CLIP},
@@ -95,9 +92,15 @@ class RewardSpec:
 
 
 def is_hub_id(ref: str) -> bool:
-    """``owner/name`` with no such local path, and nothing that reads as a path: no leading
-    ``.``, ``/`` or ``~``, no weight-file suffix, and no local folder called ``owner``."""
-    if not _HUB_ID.match(ref) or os.path.exists(ref):
+    """``owner/name`` that the hub accepts as a repository id, with no such local path and
+    nothing that reads as a path: no weight-file suffix, no local folder called ``owner``."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if ref.count("/") != 1 or os.path.exists(ref):
+        return False
+    try:
+        validate_repo_id(ref)
+    except HFValidationError:
         return False
     owner, name = ref.split("/")
     return not os.path.isdir(owner) and Path(name).suffix not in _WEIGHT_SUFFIXES
@@ -482,41 +485,3 @@ def build_reward(spec: RewardSpec | dict | str, where: str = "reward") -> Reward
     else:
         model = BUILTINS[spec.name][0](dict(spec.options), path)
     return model.eval()
-
-
-class WeightedReward(RewardModel):
-    """``score = sum_j w_j * r_j(images, prompts)``; components are kept for logging."""
-
-    def __init__(self, components: dict[str, RewardModel], weights: dict[str, float]):
-        super().__init__()
-        self.components = nn.ModuleDict(components)
-        self.weights = dict(weights)
-
-    def score_components(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Each component's scores ``(B,)``, unweighted."""
-        check_images(images, prompts)
-        return {k: m.score(images, prompts) for k, m in self.components.items()}
-
-    def combine(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
-        return sum(self.weights[k] * s for k, s in scores.items())
-
-    def score(self, images, prompts):
-        return self.combine(self.score_components(images, prompts))
-
-
-def build_weighted(specs: list[dict | RewardSpec | str]) -> WeightedReward:
-    """Build every component of a reward list; keys are ``label`` or the short name."""
-    if not specs:
-        raise ConfigError("rewards: the list is empty; give at least one reward")
-    parsed = [
-        s if isinstance(s, RewardSpec) else RewardSpec.from_dict(s, f"rewards[{i}]")
-        for i, s in enumerate(specs)
-    ]
-    keys = [s.key for s in parsed]
-    dup = {k for k in keys if keys.count(k) > 1}
-    if dup:
-        raise ConfigError(f"rewards: duplicate component name(s) {sorted(dup)}; set 'label'")
-    return WeightedReward(
-        {s.key: build_reward(s, f"rewards[{i}]") for i, s in enumerate(parsed)},
-        {s.key: float(s.weight) for s in parsed},
-    )

@@ -8,7 +8,6 @@ checkpointing around :func:`run_training`.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -376,16 +375,12 @@ def build_model(cfg: RewardTrainConfig):
 
 
 def make_optimizer(cfg: OptimConfig, params, total_steps: int):
+    """AdamW and transformers' linear warm-up (from 0) + cosine decay to 0 at ``total_steps``."""
+    from transformers import get_cosine_schedule_with_warmup
+
     params = [p for p in params if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    def lr_lambda(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        span = max(1, total_steps - cfg.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    return opt, get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, total_steps)
 
 
 def total_steps(cfg: RewardTrainConfig, n_train: int) -> int:

@@ -36,7 +36,6 @@ from rlhf.sampler import (
     SamplerConfig,
     initial_latents,
     rollout,
-    sample,
     schedule,
     seeded_generators,
 )
@@ -163,20 +162,14 @@ def draw_refl_step(cfg: DraftConfig, steps: int, step: int) -> int:
 
 
 def reward_components(rewards) -> Components:
-    """Normalise rewards to ``{name: (weight, fn)}``.
-
-    Accepts that dict, a list of ``(name, weight, fn)``, a weighted-sum module with
-    ``components`` and ``weights`` (``rewards.registry.WeightedReward``), or one callable
-    (named ``reward``, weight 1).
-    """
+    """Normalise rewards to ``{name: (weight, fn)}``: accepts that dict or one callable (named
+    ``reward``, weight 1)."""
     if isinstance(rewards, Mapping):
         out = dict(rewards)
-    elif hasattr(rewards, "components") and hasattr(rewards, "weights"):
-        out = {k: (float(rewards.weights[k]), m) for k, m in rewards.components.items()}
     elif callable(rewards):
         out = {"reward": (1.0, rewards)}
     else:
-        out = {name: (w, fn) for name, w, fn in rewards}
+        raise ValueError(f"rewards: expected {{name: (weight, fn)}} or a callable, got {rewards!r}")
     if not out:
         raise ValueError("rewards: no reward component given")
     for name, item in out.items():
@@ -404,27 +397,3 @@ def draft_step(
     if gn is not None:
         metrics["grad_norm"] = float(gn)
     return metrics
-
-
-@torch.no_grad()
-def evaluate(
-    model: Callable,
-    gen: Generator,
-    rewards,
-    prompts: Sequence[str],
-    seeds: Sequence[int],
-    sampler: SamplerConfig,
-    batch_size: int = 8,
-) -> dict[str, float]:
-    """Mean rewards of no-grad samples: ``reward`` (weighted) and ``reward/<name>``."""
-    components = reward_components(rewards)
-    totals, per = [], {name: [] for name in components}
-    for i in range(0, len(prompts), batch_size):
-        ps, ss = list(prompts[i : i + batch_size]), list(seeds[i : i + batch_size])
-        s = score_and_grad(components, sample(model, gen, ps, ss, sampler), ps, grad=False)
-        totals.append(s.total)
-        for name, v in s.components.items():
-            per[name].append(v)
-    out = {"reward": float(torch.cat(totals).mean())}
-    out.update({f"reward/{k}": float(torch.cat(v).mean()) for k, v in per.items()})
-    return out

@@ -26,7 +26,10 @@ class EngineConfig:
 
     ``zero_stage``: None picks 2 for LoRA and 3 for full fine-tuning. ``grad_clip``: global
     L2 norm of the parameter gradients (0: off). AdamW is torch's (``torch_adam``): it needs
-    no compiled op, on CPU or GPU.
+    no compiled op, on CPU or GPU. ``zero3_persistence_threshold`` and
+    ``zero3_prefetch_bucket_size`` (elements) pass to DeepSpeed's ``stage3_*`` keys; None
+    keeps DeepSpeed's defaults. Tests set both to 0 so that a tiny model's parameters stay
+    partitioned, as a big model's are.
     """
 
     zero_stage: int | None = None
@@ -35,6 +38,8 @@ class EngineConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     grad_clip: float = 1.0
+    zero3_persistence_threshold: int | None = None
+    zero3_prefetch_bucket_size: int | None = None
 
     def validate(self, path: str = "engine") -> None:
         if self.zero_stage is not None and self.zero_stage not in ZERO_STAGES:
@@ -49,6 +54,10 @@ class EngineConfig:
             raise ValueError(f"{path}.eps={self.eps} must be > 0")
         if self.grad_clip < 0:
             raise ValueError(f"{path}.grad_clip={self.grad_clip} must be >= 0 (0: off)")
+        for key in ("zero3_persistence_threshold", "zero3_prefetch_bucket_size"):
+            v = getattr(self, key)
+            if v is not None and v < 0:
+                raise ValueError(f"{path}.{key}={v} must be >= 0 or null (DeepSpeed's default)")
 
 
 def zero_stage_for(cfg: EngineConfig, finetune_mode: str) -> int:
@@ -74,9 +83,10 @@ def deepspeed_config(
     if stage >= 2:
         zero.update(overlap_comm=False, contiguous_gradients=True)
     if stage == 3:
-        # Keep every parameter partitioned (no persistence threshold) so tiny models
-        # exercise the same gather/release path as big ones.
-        zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0)
+        if cfg.zero3_persistence_threshold is not None:
+            zero["stage3_param_persistence_threshold"] = cfg.zero3_persistence_threshold
+        if cfg.zero3_prefetch_bucket_size is not None:
+            zero["stage3_prefetch_bucket_size"] = cfg.zero3_prefetch_bucket_size
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,

@@ -51,12 +51,14 @@ def _jpeg_ratio(im: np.ndarray) -> float:
 
 
 def grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
-    """``(B, H, W, 3)`` uint8 -> one ``(rows·H, cols·W, 3)`` image, 2-pixel white gutters."""
-    b, h, w, c = images.shape
+    """``(B, H, W, 3)`` uint8 -> one ``(rows·(H+2), cols·(W+2), 3)`` image: 2-pixel white
+    gutters right of and below each image, white cells after the last."""
+    from diffusers.utils import make_image_grid
+    from PIL import Image
+
+    b = len(images)
     cols = cols or int(np.ceil(np.sqrt(b)))
     rows = int(np.ceil(b / cols))
-    out = np.full((rows * (h + 2), cols * (w + 2), c), 255, np.uint8)
-    for i, im in enumerate(images):
-        y, x = divmod(i, cols)
-        out[y * (h + 2) : y * (h + 2) + h, x * (w + 2) : x * (w + 2) + w] = im
-    return out
+    cells = [np.pad(im, ((0, 2), (0, 2), (0, 0)), constant_values=255) for im in images]
+    cells += [np.full_like(cells[0], 255)] * (rows * cols - b)
+    return np.asarray(make_image_grid([Image.fromarray(c) for c in cells], rows, cols))

@@ -3,9 +3,9 @@ draft, engine. A top-level run config nests it (or its five sections); ``validat
 each section and the rules across them, naming the key path (``draft.k=5 must be <=
 sampler.steps=4``).
 
-Two presets: :meth:`PolicyConfig.paper` (the GPU setting of the paper: SD3.5-Large-Turbo,
-4 steps, guidance 0, DRaFT-1, LoRA, ZeRO-2, xformers where available) and
-:meth:`PolicyConfig.tiny` (the tiny SD3 on a CPU: 64 px, 4 steps, K=2).
+The defaults are the GPU setting of the paper (SD3.5-Large-Turbo, 4 steps, guidance 0,
+DRaFT-1, LoRA, ZeRO-2, xformers where available); :meth:`PolicyConfig.tiny` is the tiny SD3 on
+a CPU (64 px, 4 steps, K=2).
 """
 
 from __future__ import annotations
@@ -44,11 +44,6 @@ class PolicyConfig:
             raise ValueError(
                 f"{prefix}generator.load_t5=true: the tiny model has no T5 encoder; set it false"
             )
-
-    @classmethod
-    def paper(cls) -> PolicyConfig:
-        """SD3.5-Large-Turbo, 4 steps, guidance 0, DRaFT-1, LoRA on a GPU cluster."""
-        return cls()
 
     @classmethod
     def tiny(cls) -> PolicyConfig:

@@ -67,11 +67,3 @@ def step_batch(
         out_p.append(prompts[int(order[i])])
         out_s.append(int(np.random.default_rng([seed, 7, j]).integers(2**31 - 1)))
     return out_p, out_s
-
-
-def shard(items: list, rank: int, world: int) -> list:
-    """Rank ``rank``'s contiguous share of ``items`` (len divisible by ``world``)."""
-    if len(items) % world:
-        raise ValueError(f"{len(items)} items do not split over {world} ranks")
-    per = len(items) // world
-    return items[rank * per : (rank + 1) * per]

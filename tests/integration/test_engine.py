@@ -29,7 +29,17 @@ STAGES = (2, 3)
 def _engine_cfg(stage):
     from rlhf.engine import EngineConfig
 
-    return EngineConfig(zero_stage=stage, lr=1.0, betas=[0.5, 0.9], eps=1e-3, grad_clip=1.0)
+    # No persisted parameters, no prefetch: the tiny model's parameters stay partitioned under
+    # ZeRO-3 and go through the gather/release path of a big model's.
+    return EngineConfig(
+        zero_stage=stage,
+        lr=1.0,
+        betas=[0.5, 0.9],
+        eps=1e-3,
+        grad_clip=1.0,
+        zero3_persistence_threshold=0,
+        zero3_prefetch_bucket_size=0,
+    )
 
 
 def _setup(seed=0):

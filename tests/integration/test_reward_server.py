@@ -67,7 +67,7 @@ def test_saved_reward_loads_and_matches_in_process(server, saved_ict):
     _close(g, g_ref)
     assert g.dtype == x.dtype and g.shape == x.shape and g.abs().sum() > 0
     info = server.info()
-    assert info["name"] == "ict" and info["device"] == "cpu" and not info["restarted"]
+    assert info["name"] == "ict" and info["device"] == "cpu"
 
 
 def test_request_larger_than_max_batch_is_chunked(server, saved_ict):
@@ -188,8 +188,8 @@ def test_mlflow_reward_server_restarts_after_kill_and_calls_in_flight_succeed(
 ):
     """A server loading ``models:/name/version`` from the caller's MLflow store; killed with a
     request queued inside it (a long batching window keeps it there) and another sent while it
-    restarts: Ray restarts it (reloading from MLflow), the client resends, both calls return
-    the right answer."""
+    restarts: Ray restarts it (reloading from MLflow) and resends both calls, which return the
+    right answer."""
     import mlflow
 
     from rlhf import tracking
@@ -199,7 +199,7 @@ def test_mlflow_reward_server_restarts_after_kill_and_calls_in_flight_succeed(
     with mlflow.start_run() as run:
         version = tracking.register_folder(folder, "ict-server-test", run.info.run_id)
     spec = {"name": "ict", "checkpoint": f"models:/ict-server-test/{version}"}
-    cfg = ServerConfig(resources=SMALL, max_batch_size=8, batch_wait_ms=1500, backoff_s=0.2)
+    cfg = ServerConfig(resources=SMALL, max_batch_size=8, batch_wait_ms=1500)
     client = RewardClient(spec, cfg).start()
     try:
         x, p = _batch(3, 6)
@@ -222,13 +222,30 @@ def test_mlflow_reward_server_restarts_after_kill_and_calls_in_flight_succeed(
         _close(out["r"][1], g_ref)
         _close(out["late"], s_ref)
         info = client.info()
-        # The same actor, restarted by Ray (not a new one that took over the name).
-        assert info["restarts"] == 1 and info["pid"] != first["pid"]
+        # The same actor (id) in a new process (pid): restarted by Ray, not a new one that
+        # took over the name.
+        assert info["pid"] != first["pid"]
         assert client.handle._actor_id == handle._actor_id
         # After the restart: a fresh client finds the same server by name.
         again = RewardClient(spec, cfg)
         assert again.name == client.name
         _close(again.score(x, p), s_ref)
         assert again.info()["pid"] == info["pid"]
+    finally:
+        client.shutdown()
+
+
+def test_server_gone_for_good_is_created_again(ray_local, saved_ict):
+    model, folder = saved_ict
+    cfg = ServerConfig(resources=SMALL)
+    client = RewardClient({"name": "ict", "checkpoint": str(folder)}, cfg).start()
+    try:
+        old = client.handle
+        first = client.info()
+        ray.kill(old, no_restart=True)
+        x, p = _batch(2, 7)
+        _close(client.score(x, p), _local(model, x, p)[0])
+        assert client.handle._actor_id != old._actor_id
+        assert client.info()["pid"] != first["pid"]
     finally:
         client.shutdown()

@@ -14,7 +14,6 @@ from rewards.registry import build_reward
 from rlhf.draft import (
     DraftConfig,
     draft_step,
-    evaluate,
     rollout_images,
     score_and_grad,
     surrogate_loss,
@@ -337,6 +336,12 @@ def _tiny_ict_hp(gen):
     return r
 
 
+@torch.no_grad()
+def _mean_reward(gen, reward, prompts, seeds) -> float:
+    """The reward's mean over no-grad samples of ``prompts``."""
+    return float(reward(sample(gen.transformer, gen, prompts, seeds, SAMPLER), prompts).mean())
+
+
 def test_draft_k_raises_ict_hp_reward_on_held_out_prompts():
     gen = load_generator(
         GeneratorConfig(model="tiny", load_t5=False), FinetuneConfig(rank=4, alpha=4.0), "cpu"
@@ -348,7 +353,7 @@ def test_draft_k_raises_ict_hp_reward_on_held_out_prompts():
     held = ["a yellow car", "an old man", "a bowl of fruit", "a dark forest"]
     held_seeds = [1000, 1001, 1002, 1003]
     assert not set(train) & set(held)
-    before = evaluate(gen.transformer, gen, reward, held, held_seeds, SAMPLER)["reward"]
+    before = _mean_reward(gen, reward, held, held_seeds)
     draft = DraftConfig(k=2)
     rewards = []
     for step in range(30):
@@ -356,7 +361,7 @@ def test_draft_k_raises_ict_hp_reward_on_held_out_prompts():
         m = draft_step(engine, gen, reward, ps, [2 * step, 2 * step + 1], SAMPLER, draft, step)
         assert m["k"] == 2 and m["grad_norm"] > 0
         rewards.append(m["reward"])
-    after = evaluate(gen.transformer, gen, reward, held, held_seeds, SAMPLER)["reward"]
+    after = _mean_reward(gen, reward, held, held_seeds)
     # Seen at the time of writing: -0.031 -> -0.008 (ICT is negative on these random towers,
     # so the product rises by lowering HP).
     print(f"held-out ICT-HP reward: {before:.4f} -> {after:.4f}")

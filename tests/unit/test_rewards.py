@@ -12,7 +12,6 @@ from rewards.heads import MLPHead
 from rewards.registry import (
     RewardSpec,
     build_reward,
-    build_weighted,
     list_rewards,
     load_reward,
     save_reward,
@@ -188,19 +187,6 @@ def test_import_path_reward(tmp_path, monkeypatch, images):
         build_reward({"name": "my_rewards:nothing"})
     with pytest.raises(ValueError, match="cannot import"):
         build_reward({"name": "no_such_module_xyz:f"})
-
-
-def test_weighted_sum_and_swap_by_name(images):
-    w = build_weighted([_spec("ict", weight=1.0), _spec("hp", weight=0.5)])
-    parts = w.score_components(images, PROMPTS)
-    assert set(parts) == {"ict", "hp"}
-    torch.testing.assert_close(w(images, PROMPTS), parts["ict"] + 0.5 * parts["hp"])
-    only_hp = build_weighted([_spec("hp")])
-    assert set(only_hp.components) == {"hp"}
-    with pytest.raises(ValueError, match="duplicate"):
-        build_weighted([_spec("ict"), _spec("ict")])
-    two = build_weighted([_spec("ict"), _spec("ict", label="ict_b")])
-    assert set(two.components) == {"ict", "ict_b"}
 
 
 def test_unknown_reward_and_bad_spec():

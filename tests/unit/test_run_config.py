@@ -8,7 +8,7 @@ import pytest
 from actors.run_config import RunConfig
 from rlhf.cli import main
 from rlhf.config import ConfigError, load_config
-from rlhf.prompts import read_prompts, shard, step_batch
+from rlhf.prompts import read_prompts, step_batch
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 QUICKSTART = CONFIGS / "quickstart.yaml"
@@ -54,6 +54,7 @@ def test_paper_config_is_the_paper_setting():
         ("policy.draft.refl_loss=abs", "policy.draft.refl_loss"),
         ("policy.draft.refl_scale=0", "policy.draft.refl_scale"),
         ("policy.draft.refl_steps=late", "policy.draft.refl_steps"),
+        ("rewards=[{name: hp}, {name: hp}]", "rewards: duplicate"),  # two need a 'label'
     ],
 )
 def test_bad_config_names_the_key(override, key):
@@ -108,9 +109,6 @@ def test_prompt_schedule_is_deterministic_and_covers_every_prompt():
     assert step_batch(prompts, 2, 5, seed=3) == first[1]  # a resumed run gets the same batch
     assert step_batch(prompts, 3, 5, seed=3)[0] != first[0][0]  # reshuffled next pass
     assert len(set(first[0][1] + first[1][1])) == 10  # distinct sampling seeds
-    assert shard(list(range(6)), 1, 3) == [2, 3]
-    with pytest.raises(ValueError, match="do not split"):
-        shard([1, 2, 3], 0, 2)
 
 
 def test_read_prompts_from_files(tmp_path):

@@ -150,6 +150,7 @@ def test_missing_model_is_a_clear_error(tmp_path):
         ({"generator": {"attention": "flash"}}, "generator.attention='flash'"),
         ({"finetune": {"mode": "half"}}, "finetune.mode='half'"),
         ({"engine": {"zero_stage": 4}}, "engine.zero_stage=4"),
+        ({"engine": {"zero3_prefetch_bucket_size": -1}}, "engine.zero3_prefetch_bucket_size=-1"),
         ({"draft": {"lv_n": 2, "k": 2}}, "draft.lv_n=2"),
         ({"draft": {"anchor_weight": 0.1}, "finetune": {"mode": "full"}}, "finetune.mode=lora"),
         ({"draft": {"k_mode": "uniform", "k_min": 3, "k": 2}}, "draft.k_min=3"),
@@ -164,9 +165,19 @@ def test_policy_config_errors_name_the_key(change, message):
         cfg.validate()
 
 
+def test_zero3_keeps_deepspeed_defaults_unless_set():
+    from rlhf.engine import EngineConfig, deepspeed_config
+
+    zero = deepspeed_config(EngineConfig(), 2, "full")["zero_optimization"]
+    assert zero["stage"] == 3 and not any(k.startswith("stage3_") for k in zero)
+    cfg = EngineConfig(zero3_persistence_threshold=0, zero3_prefetch_bucket_size=0)
+    zero = deepspeed_config(cfg, 2, "full")["zero_optimization"]
+    assert zero["stage3_param_persistence_threshold"] == zero["stage3_prefetch_bucket_size"] == 0
+
+
 def test_presets_validate():
     PolicyConfig.tiny().validate()
-    paper = PolicyConfig.paper()
+    paper = PolicyConfig()  # the defaults are the paper's GPU setting
     paper.validate()
     assert paper.generator.model == "stabilityai/stable-diffusion-3.5-large-turbo"
     assert (paper.sampler.steps, paper.sampler.guidance_scale, paper.draft.k) == (4, 0.0, 1)
