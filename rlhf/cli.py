@@ -36,8 +36,10 @@ def _reward_arg(text: str) -> dict:
 def cmd_rewards_list(args) -> int:
     from rewards.registry import list_rewards
 
-    for name, doc in list_rewards().items():
-        print(f"{name:<10} {doc}")
+    rewards = list_rewards()
+    width = max(map(len, rewards))
+    for name, doc in rewards.items():
+        print(f"{name:<{width}}  {doc}")
     print("\nAny 'package.module:factory' import path works too; see README.")
     return 0
 

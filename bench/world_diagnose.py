@@ -1,0 +1,80 @@
+"""Where the world SD3's samples lose their shapes (BENCHMARKS.md, section 0).
+
+On renders of held-out easy prompts, GenEval-mini (the judge) of:
+- the VAE's reconstructions, and of reconstructions from latents with added Gaussian noise;
+- the transformer's one-step prediction of the clean latent from a render noised to ``t``
+  (``x0 = x_t - t v``), decoded.
+
+    python -m bench.world_diagnose [--world DIR] [--prompts 240] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bench.common import emit
+
+NOISE = (0.0, 0.1, 0.2, 0.3, 0.5)
+TIMES = (0.2, 0.4, 0.6, 0.8)
+
+
+def run(world: str | None, prompts: int) -> dict:
+    import numpy as np
+    import torch
+
+    from rewards import world as W
+    from rewards.world import scenes as S
+    from rewards.world.judge import Judge
+    from rlhf.world import sd3
+    from rlhf.world.build import eval_specs, load_world_generator
+
+    torch.set_num_threads(1)
+    root = Path(world) if world else W.ASSETS
+    judge = Judge.load(root / "judge")
+    gen = load_world_generator(root / "sd3")
+    pipe, vae = gen.pipe, gen.pipe.vae
+    specs = eval_specs(prompts)
+    rng = np.random.default_rng(1)
+    renders = np.stack([S.to_uint8(S.render(S.scene_for(s, rng), rng)) for s in specs])
+    z = sd3.encode_latents(vae, renders)
+    g = torch.Generator().manual_seed(0)
+
+    @torch.no_grad()
+    def judged(latents: torch.Tensor) -> float:
+        x = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor).sample
+        return round(judge.score(specs, ((x + 1) / 2).clamp(0, 1))["mean"], 3)
+
+    out = {"suite": "world_diagnose", "prompts": prompts, "latent_std": float(z.std())}
+    out["vae_latent_noise"] = {
+        str(s): judged(z + s * torch.randn(z.shape, generator=g)) for s in NOISE
+    }
+    embeds, pooled = sd3._encode(pipe, [s.prompt() for s in specs], 1)
+    one_step = {}
+    for t in TIMES:
+        xt = (1 - t) * z + t * torch.randn(z.shape, generator=g)
+        with torch.no_grad():
+            v = pipe.transformer(
+                hidden_states=xt,
+                timestep=torch.full((len(z),), t * 1000),
+                encoder_hidden_states=embeds,
+                pooled_projections=pooled,
+            ).sample
+        x0 = xt - t * v
+        one_step[str(t)] = {"geneval_mini": judged(x0), "latent_mse": float((x0 - z).pow(2).mean())}
+    out["one_step_x0"] = one_step
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--world", default=None, help="a built world (default: the shipped one)")
+    p.add_argument("--prompts", type=int, default=240, help="held-out prompts (default: 240)")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    return emit(run(a.world, a.prompts), a.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
