@@ -28,6 +28,7 @@ import torch
 from actors.options import actor_options
 from actors.reward_server import RewardClient
 from actors.run_config import RunConfig
+from actors.text_encoder import TextEncoderClient, start_text_encoder
 from rlhf.config import bind
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,16 @@ class GeneratorWorker:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def setup(self, master_addr: str, master_port: int, clients: dict[str, RewardClient]) -> dict:
-        """Join the process group, load the generator, build the engine and the rewards."""
+    def setup(
+        self,
+        master_addr: str,
+        master_port: int,
+        clients: dict[str, RewardClient],
+        text_encoder=None,
+    ) -> dict:
+        """Join the process group, load the generator, build the engine and the rewards.
+        ``text_encoder``: the text-encoder actor serving prompt embeddings, when
+        ``policy.generator.text_encoders: actor``."""
         import deepspeed
 
         from rewards.registry import build_reward
@@ -92,6 +101,8 @@ class GeneratorWorker:
         policy = cfg.policy
         torch.manual_seed(policy.generator.seed)
         self.gen = load_generator(policy.generator, policy.finetune, device)
+        if text_encoder is not None:
+            self.gen.prompt_encoder = TextEncoderClient(text_encoder)
         self.engine = build_engine(
             self.gen.transformer, policy.engine, cfg.workers.batch_size, policy.finetune.mode
         )
@@ -226,17 +237,24 @@ class WorkerGroup:
         self.clients = clients
         self.workers: list = []
         self.infos: list[dict] = []
+        self.text_encoder = None
 
     def start(self) -> WorkerGroup:
         n = self.cfg.workers.num_workers
         res = self.cfg.workers.resources
         remote = ray.remote(GeneratorWorker)
         cfg = self.cfg.to_dict()
+        if self.cfg.policy.generator.text_encoders == "actor":
+            self.text_encoder = start_text_encoder(
+                self.cfg.policy.generator, self.cfg.workers.text_encoder
+            )
         self.workers = [
             remote.options(**actor_options(res, None)).remote(cfg, rank, n) for rank in range(n)
         ]
         addr, port = self._get([self.workers[0].address.remote()])[0]
-        infos = self._get([w.setup.remote(addr, port, self.clients) for w in self.workers])
+        infos = self._get(
+            [w.setup.remote(addr, port, self.clients, self.text_encoder) for w in self.workers]
+        )
         self.infos = infos
         log.info("generator group up: %d workers at %s:%d (%s)", n, addr, port, infos[0]["device"])
         return self
@@ -279,9 +297,10 @@ class WorkerGroup:
         return self._get([w.load.remote(folder) for w in self.workers])[0]
 
     def kill(self) -> None:
-        for w in self.workers:
+        for w in [*self.workers, self.text_encoder]:
             try:
                 ray.kill(w, no_restart=True)
-            except Exception:  # already gone
+            except Exception:  # already gone (or no text encoder)
                 pass
         self.workers = []
+        self.text_encoder = None

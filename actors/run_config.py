@@ -70,11 +70,16 @@ class PromptsConfig:
 @dataclass
 class WorkersConfig:
     """The generator worker group: ``num_workers`` ranks of one torch.distributed group, each
-    sampling ``batch_size`` prompts per step (global batch = both multiplied)."""
+    sampling ``batch_size`` prompts per step (global batch = both multiplied).
+    ``text_encoder``: the resources of the text-encoder actor that serves every worker's
+    prompt embeddings when ``policy.generator.text_encoders: actor`` (unused otherwise)."""
 
     num_workers: int = 1
     batch_size: int = 1
     resources: ActorResources = field(default_factory=lambda: ActorResources(max_restarts=0))
+    text_encoder: ActorResources = field(
+        default_factory=lambda: ActorResources(max_restarts=-1, max_task_retries=-1)
+    )
     max_rebuilds: int = 3
 
     def validate(self, path: str = "workers") -> None:
@@ -85,6 +90,7 @@ class WorkersConfig:
         if self.max_rebuilds < 0:
             raise ValueError(f"{path}.max_rebuilds={self.max_rebuilds} must be >= 0")
         self.resources.validate(f"{path}.resources")
+        self.text_encoder.validate(f"{path}.text_encoder")
 
 
 @dataclass

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -29,6 +29,9 @@ DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-large-turbo"
 ATTENTION_BACKENDS = ("auto", "xformers", "sdpa")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 FINETUNE_MODES = ("lora", "full")
+# Where prompt embeddings come from: the generator's own text encoders, or a text-encoder
+# actor (actors/text_encoder.py) so that generator processes hold no text encoder.
+TEXT_ENCODERS = ("local", "actor")
 # The joint-attention projections of every SD3 block: image stream and context stream.
 LORA_TARGETS = (
     "to_q",
@@ -49,7 +52,12 @@ class GeneratorConfig:
     ``dtype``: ``auto`` is bf16 on CUDA and fp32 on CPU. ``attention``: ``auto`` uses xformers
     on CUDA when it is installed, else PyTorch SDPA. ``load_t5``: SD3's third text encoder
     (T5-XXL, ~4.7B parameters); without it the T5 tokens are zeros, as diffusers does.
-    ``seed`` seeds the random weights of ``tiny``.
+    ``seed`` seeds the random weights of ``tiny``. ``text_encoders``: ``local`` loads CLIP-L,
+    CLIP-G (and T5) here; ``actor``: this process loads none and takes prompt embeddings from
+    :attr:`Generator.prompt_encoder` (a text-encoder actor that caches them per prompt), which
+    saves T5's 8.9 GiB and CLIP's 1.5 GiB per generator GPU at SD3.5-Large.
+    ``gradient_checkpointing``: the transformer blocks; ``vae_gradient_checkpointing``: the VAE
+    decoder's blocks in the differentiable decode (null: as ``gradient_checkpointing``).
     """
 
     model: str = DEFAULT_MODEL
@@ -59,6 +67,8 @@ class GeneratorConfig:
     dtype: str = "auto"
     attention: str = "auto"
     gradient_checkpointing: bool = True
+    vae_gradient_checkpointing: bool | None = None
+    text_encoders: str = "local"
     seed: int = 0
 
     def validate(self, path: str = "generator") -> None:
@@ -69,6 +79,10 @@ class GeneratorConfig:
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"{path}.attention={self.attention!r} must be one of {ATTENTION_BACKENDS}"
+            )
+        if self.text_encoders not in TEXT_ENCODERS:
+            raise ValueError(
+                f"{path}.text_encoders={self.text_encoders!r} must be one of {TEXT_ENCODERS}"
             )
 
 
@@ -118,6 +132,14 @@ class PromptEmbeds:
 
         return PromptEmbeds(
             rep(self.embeds), rep(self.pooled), rep(self.neg_embeds), rep(self.neg_pooled)
+        )
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> PromptEmbeds:
+        def move(t):
+            return None if t is None else t.to(device, dtype)
+
+        return PromptEmbeds(
+            move(self.embeds), move(self.pooled), move(self.neg_embeds), move(self.neg_pooled)
         )
 
 
@@ -198,8 +220,15 @@ def load_pipeline(cfg: GeneratorConfig, device: str | torch.device | None = None
 
     device = resolve_device(device)
     dtype = resolve_dtype(cfg.dtype, device)
+    no_text = {
+        f"{kind}{suffix}": None
+        for kind in ("text_encoder", "tokenizer")
+        for suffix in ("", "_2", "_3")
+    }
     if cfg.model == TINY:
         pipe = build_tiny_pipeline(cfg.seed)
+        if cfg.text_encoders == "actor":
+            pipe.register_modules(**no_text)
     else:
         if cfg.model == WORLD:
             from rewards.world import SD3_DIR
@@ -208,6 +237,8 @@ def load_pipeline(cfg: GeneratorConfig, device: str | torch.device | None = None
         kwargs = {_dtype_kwarg(): dtype, "revision": cfg.revision, "variant": cfg.variant}
         if not cfg.load_t5:
             kwargs.update(text_encoder_3=None, tokenizer_3=None)
+        if cfg.text_encoders == "actor":
+            kwargs.update(no_text)
         local = os.path.isdir(cfg.model)
         if not local and not _looks_like_hub_id(cfg.model):
             raise FileNotFoundError(
@@ -327,13 +358,16 @@ class Generator:
     """An SD3 pipeline split into the trainable transformer and its frozen helpers.
 
     ``transformer`` is what a DeepSpeed engine wraps; the VAE, text encoders, tokenizers and
-    scheduler config stay here. ``attention`` is the resolved backend.
+    scheduler config stay here. ``attention`` is the resolved backend. ``prompt_encoder``:
+    where prompt embeddings come from when the text encoders live elsewhere
+    (``generator.text_encoders: actor``), called like :meth:`encode_prompts`.
     """
 
     def __init__(self, pipe, attention: str, finetune: FinetuneConfig | None):
         self.pipe = pipe
         self.attention = attention
         self.finetune = finetune
+        self.prompt_encoder: Callable[..., PromptEmbeds] | None = None
 
     @property
     def transformer(self):
@@ -363,9 +397,20 @@ class Generator:
         negative_prompt: str = "",
         max_sequence_length: int = 256,
     ) -> PromptEmbeds:
-        """The pipeline's own ``encode_prompt``; negatives only when ``guidance_scale > 1``."""
+        """The pipeline's own ``encode_prompt``; negatives only when ``guidance_scale > 1``.
+        With a :attr:`prompt_encoder`, its embeddings, moved to this device and dtype."""
         if isinstance(prompts, str):
             raise ValueError("prompts must be a sequence of strings, not a single string")
+        if self.prompt_encoder is not None:
+            out = self.prompt_encoder(
+                list(prompts), guidance_scale, negative_prompt, max_sequence_length
+            )
+            return out.to(self.device, self.dtype)
+        if self.pipe.text_encoder is None:
+            raise ValueError(
+                "generator.text_encoders=actor: this generator has no text encoders and no "
+                "prompt_encoder attached"
+            )
         cfg = guidance_scale > 1
         pe, npe, pooled, npooled = self.pipe.encode_prompt(
             prompt=list(prompts),
@@ -420,7 +465,7 @@ def load_generator(
     if finetune is not None:
         apply_finetune(pipe.transformer, finetune, seed=cfg.seed)
         pipe.transformer.train()
-    set_gradient_checkpointing(pipe, cfg.gradient_checkpointing)
+    set_gradient_checkpointing(pipe, cfg.gradient_checkpointing, cfg.vae_gradient_checkpointing)
     log.info(
         "generator %s on %s (%s), attention=%s, finetune=%s",
         cfg.model,
@@ -432,10 +477,11 @@ def load_generator(
     return Generator(pipe, attention, finetune)
 
 
-def set_gradient_checkpointing(pipe, enabled: bool) -> None:
-    """Checkpoint the transformer blocks and the VAE decoder (recomputed in backward)."""
-    for m in (pipe.transformer, pipe.vae):
-        if enabled:
+def set_gradient_checkpointing(pipe, enabled: bool, vae: bool | None = None) -> None:
+    """Checkpoint the transformer blocks (``enabled``) and the VAE decoder's mid and up blocks
+    (``vae``; None: as ``enabled``): their activations are recomputed in backward."""
+    for m, on in ((pipe.transformer, enabled), (pipe.vae, enabled if vae is None else vae)):
+        if on:
             m.enable_gradient_checkpointing()
         else:
             m.disable_gradient_checkpointing()
