@@ -58,7 +58,10 @@ class ServerConfig:
     timeout_s: per call, None waits as long as it takes (a restarting server included).
     forward_threads: batches computed at the same time. 0 picks: 1 on a GPU, else the
         server's whole CPUs (a tiny model's forward keeps few cores busy on its own; two
-        batches side by side do). Each forward keeps the process's torch threads.
+        batches side by side do). The server's CPUs are split between them: each forward
+        gets ``max(1, floor(num_cpus) // forward_threads)`` torch threads, so a server on
+        ``num_cpus: 0`` (or a fraction) computes on one thread and never competes with the
+        generator for more than one core.
     """
 
     resources: ActorResources = field(default_factory=ActorResources)
@@ -136,7 +139,11 @@ class RewardServer:
         self._pending: deque[_Request] = deque()
         self._wakeup: asyncio.Event | None = None
         self._runner: asyncio.Task | None = None
-        self.forward_threads = int(forward_threads) or _auto_threads(self.device)
+        cpus = _assigned_cpus()
+        self.forward_threads = int(forward_threads) or (cpus if self.device.type == "cpu" else 1)
+        # Set here, not left to OMP_NUM_THREADS: Ray keeps a value inherited from the driver's
+        # environment, so a server on 0 CPUs would otherwise run the driver's thread count.
+        torch.set_num_threads(max(1, cpus // self.forward_threads))
         # Forwards run in these threads: the event loop stays free to queue new requests.
         self._executor = ThreadPoolExecutor(self.forward_threads, thread_name_prefix="forward")
         self._slots: asyncio.Semaphore | None = None
@@ -363,9 +370,8 @@ class RewardServer:
         return s.detach().float().cpu(), g.cpu()
 
 
-def _auto_threads(device: torch.device) -> int:
-    if device.type != "cpu":
-        return 1
+def _assigned_cpus() -> int:
+    """Whole CPUs Ray gave this actor (at least 1); 1 outside an actor."""
     cpus = 1.0
     try:
         cpus = float(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))

@@ -70,7 +70,8 @@ def plain(cfg, warmup: int) -> tuple[list[float], float]:
     from rlhf.generator import load_generator
     from rlhf.prompts import read_prompts, step_batch
 
-    torch.set_num_threads(2)
+    # The worker's count (GeneratorWorker.setup): a ratio of like against like.
+    torch.set_num_threads(max(1, int(cfg.workers.resources.num_cpus)))
     t0 = time.perf_counter()
     p = cfg.policy
     torch.manual_seed(p.generator.seed)

@@ -70,7 +70,33 @@ def _label(value) -> float:
         return math.nan
 
 
-class TripletDataset(Dataset):
+class _RowDataset(Dataset):
+    """A Parquet-backed dataset whose unusable rows are skipped: each is logged once (``row_name``
+    names what a row is in the message) and counted in :attr:`num_skipped`."""
+
+    row_name = "row"
+
+    def __init__(self, frame, image_root, image_size: int) -> None:
+        self.frame = frame.reset_index(drop=True)
+        self.root = Path(image_root) if image_root is not None else None
+        self.image_size = image_size
+        self._bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    @property
+    def num_skipped(self) -> int:
+        """Distinct unusable rows seen so far in this process."""
+        return len(self._bad)
+
+    def _mark_bad(self, i: int, why: str) -> None:
+        if i not in self._bad:
+            self._bad.add(i)
+            log.warning("skipping %s %d: %s", self.row_name, i, why)
+
+
+class TripletDataset(_RowDataset):
     """Triplets from a Parquet file or a pandas DataFrame.
 
     ``dataset[i]`` is a dict: ``easy_prompt`` and ``refine_prompt`` (str), ``images``
@@ -80,6 +106,8 @@ class TripletDataset(Dataset):
     :func:`collate_triplets` drops it). Counts are per process: with DataLoader workers, each
     worker counts the rows it saw.
     """
+
+    row_name = "triplet"
 
     def __init__(
         self,
@@ -95,25 +123,9 @@ class TripletDataset(Dataset):
                 raise MissingPathError(f"triplet file not found: {path}")
             frame, where = pd.read_parquet(path), str(path)
         _check_columns(frame, where)
-        self.frame = frame.reset_index(drop=True)
-        self.root = Path(image_root) if image_root is not None else None
-        self.image_size = image_size
+        super().__init__(frame, image_root, image_size)
         # Each label from its own column: the reference code filled E2 from R1.
         self._label_cols = [c if c in frame.columns else None for c in LABEL_COLUMNS]
-        self._bad: set[int] = set()
-
-    def __len__(self) -> int:
-        return len(self.frame)
-
-    @property
-    def num_skipped(self) -> int:
-        """Distinct unreadable rows seen so far in this process."""
-        return len(self._bad)
-
-    def _mark_bad(self, i: int, why: str) -> None:
-        if i not in self._bad:
-            self._bad.add(i)
-            log.warning("skipping triplet %d: %s", i, why)
 
     def __getitem__(self, i: int) -> dict | None:
         row = self.frame.iloc[i]
@@ -303,7 +315,7 @@ def is_ranked_file(path: str | os.PathLike) -> bool:
     return set(RANKED_COLUMNS) <= set(pq.read_schema(path).names)
 
 
-class RankedDataset(Dataset):
+class RankedDataset(_RowDataset):
     """Ranked images of a prompt, ImageRewardDB's layout, from a Parquet file or DataFrame.
 
     Columns: ``prompt`` (str), ``images`` (a list of encoded images or paths, relative to
@@ -313,6 +325,8 @@ class RankedDataset(Dataset):
     or ``None`` when the row cannot be used (bad prompt, an unreadable image, lengths that
     differ, fewer than two distinct ranks), logged once and counted in ``num_skipped``.
     """
+
+    row_name = "ranked row"
 
     def __init__(
         self,
@@ -330,23 +344,7 @@ class RankedDataset(Dataset):
         missing = [c for c in RANKED_COLUMNS if c not in frame.columns]
         if missing:
             raise ConfigError(f"{where}: missing required column(s) {', '.join(missing)}")
-        self.frame = frame.reset_index(drop=True)
-        self.root = Path(image_root) if image_root is not None else None
-        self.image_size = image_size
-        self._bad: set[int] = set()
-
-    def __len__(self) -> int:
-        return len(self.frame)
-
-    @property
-    def num_skipped(self) -> int:
-        """Distinct unusable rows seen so far in this process."""
-        return len(self._bad)
-
-    def _mark_bad(self, i: int, why: str) -> None:
-        if i not in self._bad:
-            self._bad.add(i)
-            log.warning("skipping ranked row %d: %s", i, why)
+        super().__init__(frame, image_root, image_size)
 
     def __getitem__(self, i: int) -> dict | None:
         row = self.frame.iloc[i]

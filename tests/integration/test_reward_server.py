@@ -6,6 +6,7 @@ import threading
 import time
 
 import numpy as np
+import psutil
 import pytest
 import ray
 import torch
@@ -247,5 +248,36 @@ def test_server_gone_for_good_is_created_again(ray_local, saved_ict):
         _close(client.score(x, p), _local(model, x, p)[0])
         assert client.handle._actor_id != old._actor_id
         assert client.info()["pid"] != first["pid"]
+    finally:
+        client.shutdown()
+
+
+@pytest.mark.parametrize(
+    "num_cpus, forward_threads, torch_threads", [(0, 0, 1), (2, 1, 2), (2, 2, 1)]
+)
+def test_server_threads_follow_its_cpus_and_idle_costs_no_cpu(
+    ray_local, num_cpus, forward_threads, torch_threads
+):
+    """The server's torch threads come from its Ray CPUs split between its forwards, never
+    from an OMP_NUM_THREADS inherited from the driver; once it has answered, an idle server
+    uses no CPU (no spinning threads or polling loop taking cores from a generator)."""
+    cfg = ServerConfig(resources=ActorResources(num_cpus=num_cpus), forward_threads=forward_threads)
+    name = f"reward-threads-{num_cpus}-{forward_threads}"
+    client = RewardClient({"name": "ict", "options": TINY}, cfg, name=name).start()
+    try:
+        x, p = _batch(4, 8)
+        for _ in range(3):
+            client.score_and_grad(x, p)
+        info = client.info()
+        assert (info["forward_threads"], info["torch_threads"]) == (
+            forward_threads or max(1, num_cpus),
+            torch_threads,
+        )
+        proc = psutil.Process(info["pid"])
+        time.sleep(0.2)  # the reply is on its way out
+        t0, cpu0 = time.monotonic(), sum(proc.cpu_times()[:2])
+        time.sleep(2.5)
+        share = (sum(proc.cpu_times()[:2]) - cpu0) / (time.monotonic() - t0)
+        assert share < 0.02, f"idle server used {share:.1%} of a core"
     finally:
         client.shutdown()
