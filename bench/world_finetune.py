@@ -59,7 +59,7 @@ def run(rewards_dir: str, steps: int, short: bool, grid_path: str | None) -> dic
         if short and label not in ("base", "+ICT"):
             continue
         t = time.perf_counter()
-        cfg = WorldFinetune(rewards=rewards, steps=steps, eval_prompts=12 if short else 48)
+        cfg = WorldFinetune(rewards=rewards, steps=steps, eval_prompts=12 if short else 120)
         out = finetune_world(cfg, scorers)
         figures = out["after"] or out["before"]
         results[label] = {**figures, "seconds": time.perf_counter() - t}

@@ -32,7 +32,7 @@ class WorldFinetune:
     k: int = 2
     sample_steps: int = 10
     guidance: float = 1.0
-    eval_prompts: int = 48
+    eval_prompts: int = 120
     seed: int = 0
     world_dir: str | None = None  # a built world (default: the shipped one)
 
