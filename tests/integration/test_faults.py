@@ -22,6 +22,11 @@ pytestmark = pytest.mark.integration
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
 
+# Long enough that a signal sent once step 2's checkpoint exists lands mid-run: a tiny step
+# takes ~0.25 s on an idle machine, and a 4- or 5-step run could finish before the signal.
+STEPS = 20
+
+
 def _rlhf(*args, env, **kw):
     return subprocess.Popen(
         [sys.executable, "-m", "rlhf.cli", *args],
@@ -49,7 +54,7 @@ def test_sigkill_driver_then_resume_skips_a_corrupt_checkpoint(ray_local, mlflow
         "policy.sampler.width=32",
         "prompts.synthetic_eval=2",
         "eval_rewards=[]",
-        "train.max_steps=5",
+        f"train.max_steps={STEPS}",
         "train.eval_every=100",
         "train.checkpoint_every=1",
         "train.keep_checkpoints=3",
@@ -57,11 +62,7 @@ def test_sigkill_driver_then_resume_skips_a_corrupt_checkpoint(ray_local, mlflow
         "mlflow.register_as=null",
     ]
     proc = _rlhf(*args, env=env)
-    deadline = time.time() + 300
-    while not list(runs.glob("*/checkpoints/step_000002/manifest.json")):
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline, "no checkpoint at step 2 in time"
-        time.sleep(0.5)
+    _wait_for_checkpoint(proc, runs, 2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     (run_dir,) = runs.iterdir()
@@ -85,9 +86,18 @@ def test_sigkill_driver_then_resume_skips_a_corrupt_checkpoint(ray_local, mlflow
     previous = checkpoints[-2].parent.name
     assert f"restored {previous}" in out
     steps = sorted(m.step for m in MlflowClient().get_metric_history(run_id, "train/loss"))
-    assert steps == [1, 2, 3, 4, 5]  # no gap, no duplicate
+    assert steps == list(range(1, STEPS + 1))  # no gap, no duplicate
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"
-    assert "5 steps (max_steps)" in out
+    assert f"{STEPS} steps (max_steps)" in out
+
+
+def _wait_for_checkpoint(proc, runs, step: int, timeout_s: float = 300) -> None:
+    """Return as soon as the run's checkpoint of ``step`` is complete (its manifest exists)."""
+    deadline = time.time() + timeout_s
+    while not list(runs.glob(f"*/checkpoints/step_{step:06d}/manifest.json")):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, f"no checkpoint at step {step} in time"
+        time.sleep(0.05)
 
 
 def _finetune(runs, *overrides) -> list[str]:
@@ -116,17 +126,13 @@ def test_ctrl_c_then_resume_reports_the_whole_run_and_refuses_once_checkpoints_a
     runs, client = tmp_path / "runs", MlflowClient()
     args = _finetune(
         runs,
-        "train.max_steps=4",
-        "train.checkpoint_every=1",
+        f"train.max_steps={STEPS}",
+        "train.checkpoint_every=2",
         "mlflow.experiment=ctrl-c",
         "mlflow.register_as=ctrl-c-policy",
     )
     proc = _rlhf(*args, env=env)
-    deadline = time.time() + 300
-    while not list(runs.glob("*/checkpoints/step_000002/manifest.json")):
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline, "no checkpoint at step 2 in time"
-        time.sleep(0.5)
+    _wait_for_checkpoint(proc, runs, 2)
     os.kill(proc.pid, signal.SIGINT)  # Ctrl-C reaches the CLI process
     out, _ = proc.communicate(timeout=120)
     (run,) = client.search_runs([client.get_experiment_by_name("ctrl-c").experiment_id])
@@ -139,7 +145,7 @@ def test_ctrl_c_then_resume_reports_the_whole_run_and_refuses_once_checkpoints_a
     resumed = _rlhf("finetune", "--resume", run_id, env=env)
     out, _ = resumed.communicate(timeout=400)
     assert resumed.returncode == 0, out
-    summary = out[out.index(f"run {run_id}: 4 steps") :]
+    summary = out[out.index(f"run {run_id}: {STEPS} steps") :]
     # Before -> after from the step-0 evaluation that the interrupted process logged.
     (step0,) = [m.value for m in client.get_metric_history(run_id, "eval/reward") if m.step == 0]
     assert f"{'eval/reward':<28} {step0:8.4f} -> " in summary, summary
@@ -169,7 +175,7 @@ def test_ctrl_c_then_resume_reports_the_whole_run_and_refuses_once_checkpoints_a
     assert f"no checkpoint in {run_dir / 'checkpoints'}" in gone.stderr
     assert "Traceback" not in gone.stderr
     steps = sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
-    assert steps == [1, 2, 3, 4]  # nothing retrained
+    assert steps == list(range(1, STEPS + 1))  # nothing retrained
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
