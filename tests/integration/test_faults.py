@@ -28,6 +28,9 @@ STEPS = 20
 
 
 def _rlhf(*args, env, **kw):
+    """The CLI as a terminal starts it: its own session, and SIGINT at its default (a suite
+    started in the background by a non-interactive shell inherits SIGINT ignored, and then
+    a Ctrl-C could never reach the CLI)."""
     return subprocess.Popen(
         [sys.executable, "-m", "rlhf.cli", *args],
         env=env,
@@ -35,6 +38,7 @@ def _rlhf(*args, env, **kw):
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         **kw,
     )
 
@@ -92,12 +96,15 @@ def test_sigkill_driver_then_resume_skips_a_corrupt_checkpoint(ray_local, mlflow
 
 
 def _wait_for_checkpoint(proc, runs, step: int, timeout_s: float = 300) -> None:
-    """Return as soon as the run's checkpoint of ``step`` is complete (its manifest exists)."""
+    """Return once the run's checkpoint of ``step`` is complete (its manifest exists), polling
+    every 0.5 s: a Ctrl-C sent within milliseconds of the manifest lands in the policy's
+    MLflow registration that follows it, which can leave the run RUNNING (an open defect,
+    not what this test is about)."""
     deadline = time.time() + timeout_s
     while not list(runs.glob(f"*/checkpoints/step_{step:06d}/manifest.json")):
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() < deadline, f"no checkpoint at step {step} in time"
-        time.sleep(0.05)
+        time.sleep(0.5)
 
 
 def _finetune(runs, *overrides) -> list[str]:
