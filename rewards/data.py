@@ -70,6 +70,17 @@ def _label(value) -> float:
         return math.nan
 
 
+def _read_frame(path_or_frame, what: str) -> tuple[pd.DataFrame, str]:
+    """A DataFrame as it is, or a Parquet file read (``what file not found`` if missing);
+    with where it came from, for error messages."""
+    if isinstance(path_or_frame, pd.DataFrame):
+        return path_or_frame, "DataFrame"
+    path = Path(path_or_frame)
+    if not path.is_file():
+        raise MissingPathError(f"{what} file not found: {path}")
+    return pd.read_parquet(path), str(path)
+
+
 class _RowDataset(Dataset):
     """A Parquet-backed dataset whose unusable rows are skipped: each is logged once (``row_name``
     names what a row is in the message) and counted in :attr:`num_skipped`."""
@@ -115,13 +126,7 @@ class TripletDataset(_RowDataset):
         image_root: str | os.PathLike | None = None,
         image_size: int = 64,
     ):
-        if isinstance(path_or_frame, pd.DataFrame):
-            frame, where = path_or_frame, "DataFrame"
-        else:
-            path = Path(path_or_frame)
-            if not path.is_file():
-                raise MissingPathError(f"triplet file not found: {path}")
-            frame, where = pd.read_parquet(path), str(path)
+        frame, where = _read_frame(path_or_frame, "triplet")
         _check_columns(frame, where)
         super().__init__(frame, image_root, image_size)
         # Each label from its own column: the reference code filled E2 from R1.
@@ -334,13 +339,7 @@ class RankedDataset(_RowDataset):
         image_root: str | os.PathLike | None = None,
         image_size: int = 64,
     ):
-        if isinstance(path_or_frame, pd.DataFrame):
-            frame, where = path_or_frame, "DataFrame"
-        else:
-            path = Path(path_or_frame)
-            if not path.is_file():
-                raise MissingPathError(f"ranked-image file not found: {path}")
-            frame, where = pd.read_parquet(path), str(path)
+        frame, where = _read_frame(path_or_frame, "ranked-image")
         missing = [c for c in RANKED_COLUMNS if c not in frame.columns]
         if missing:
             raise ConfigError(f"{where}: missing required column(s) {', '.join(missing)}")

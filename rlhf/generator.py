@@ -230,13 +230,7 @@ def load_pipeline(cfg: GeneratorConfig, device: str | torch.device | None = None
         if cfg.text_encoders == "actor":
             pipe.register_modules(**no_text)
     else:
-        if cfg.model == WORLD:
-            from rewards.world import SD3_DIR
-
-            cfg = replace(cfg, model=str(SD3_DIR))
-        kwargs = {_dtype_kwarg(): dtype, "revision": cfg.revision, "variant": cfg.variant}
-        if not cfg.load_t5:
-            kwargs.update(text_encoder_3=None, tokenizer_3=None)
+        cfg, kwargs = pretrained_kwargs(cfg, dtype)
         if cfg.text_encoders == "actor":
             kwargs.update(no_text)
         local = os.path.isdir(cfg.model)
@@ -257,6 +251,20 @@ def load_pipeline(cfg: GeneratorConfig, device: str | torch.device | None = None
             m.requires_grad_(False).eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def pretrained_kwargs(cfg: GeneratorConfig, dtype: torch.dtype) -> tuple[GeneratorConfig, dict]:
+    """``cfg`` with ``model: world`` resolved to the shipped folder, and the keyword
+    arguments of ``StableDiffusion3Pipeline.from_pretrained`` for it (dtype, revision,
+    variant; no T5 unless ``load_t5``)."""
+    if cfg.model == WORLD:
+        from rewards.world import SD3_DIR
+
+        cfg = replace(cfg, model=str(SD3_DIR))
+    kwargs = {_dtype_kwarg(): dtype, "revision": cfg.revision, "variant": cfg.variant}
+    if not cfg.load_t5:
+        kwargs.update(text_encoder_3=None, tokenizer_3=None)
+    return cfg, kwargs
 
 
 def _dtype_kwarg() -> str:

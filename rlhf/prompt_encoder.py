@@ -12,17 +12,15 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import replace
 
 import torch
 
 from rlhf.generator import (
     TINY,
-    WORLD,
     GeneratorConfig,
     PromptEmbeds,
-    _dtype_kwarg,
     build_tiny_pipeline,
+    pretrained_kwargs,
     resolve_device,
     resolve_dtype,
 )
@@ -48,13 +46,7 @@ def load_text_encoders(cfg: GeneratorConfig, device: str | torch.device | None =
         pipe = build_tiny_pipeline(cfg.seed)
         transformer_config = dict(pipe.transformer.config)
     else:
-        if cfg.model == WORLD:
-            from rewards.world import SD3_DIR
-
-            cfg = replace(cfg, model=str(SD3_DIR))
-        kwargs = {_dtype_kwarg(): dtype, "revision": cfg.revision, "variant": cfg.variant}
-        if not cfg.load_t5:
-            kwargs.update(text_encoder_3=None, tokenizer_3=None)
+        cfg, kwargs = pretrained_kwargs(cfg, dtype)
         try:
             pipe = StableDiffusion3Pipeline.from_pretrained(
                 cfg.model, transformer=None, vae=None, **kwargs

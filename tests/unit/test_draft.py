@@ -71,17 +71,11 @@ def _draft_grads(gen, reward, k):
     return _lora_grads(gen), scores.total
 
 
-def _plain_backprop_grads(gen, reward, detach_at=None):
-    """Reference: the diffusers scheduler stepped with autograd on, the pipeline's decode,
-    ``-mean(reward)`` backpropagated directly. ``detach_at=i``: the latent entering step ``i``
-    is detached (the earlier steps run with gradient, but their graph is cut)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+def _reference_start(pipe):
+    """The hand-written references' start: the pipeline's own prompt embeddings of PROMPTS
+    (no CFG) and the seeded initial latents, as diffusers makes them."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    pipe = gen.pipe
-    gen.transformer.zero_grad(set_to_none=True)
-    sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    sched.set_timesteps(SAMPLER.steps)
     with torch.no_grad():
         pe, _, pooled, _ = pipe.encode_prompt(
             prompt=PROMPTS,
@@ -93,6 +87,20 @@ def _plain_backprop_grads(gen, reward, detach_at=None):
     x = randn_tensor(
         (2, 16, SAMPLER.height // 4, SAMPLER.width // 4), generator=seeded_generators(SEEDS)
     )
+    return pe, pooled, x
+
+
+def _plain_backprop_grads(gen, reward, detach_at=None):
+    """Reference: the diffusers scheduler stepped with autograd on, the pipeline's decode,
+    ``-mean(reward)`` backpropagated directly. ``detach_at=i``: the latent entering step ``i``
+    is detached (the earlier steps run with gradient, but their graph is cut)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = gen.pipe
+    gen.transformer.zero_grad(set_to_none=True)
+    sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(SAMPLER.steps)
+    pe, pooled, x = _reference_start(pipe)
     for i, t in enumerate(sched.timesteps):
         if i == detach_at:
             x = x.detach()
@@ -219,7 +227,6 @@ def _refl_reference_grads(gen, reward, i, loss_fn):
     ``i``, one transformer call with gradient at step ``i``, the clean-latent prediction
     ``x_i - sigma_i * v``, the pipeline's decode, ``loss_fn(reward)`` backpropagated."""
     from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.utils.torch_utils import randn_tensor
 
     pipe = gen.pipe
     gen.transformer.zero_grad(set_to_none=True)
@@ -235,17 +242,8 @@ def _refl_reference_grads(gen, reward, i, loss_fn):
             return_dict=False,
         )[0]
 
+    pe, pooled, x = _reference_start(pipe)
     with torch.no_grad():
-        pe, _, pooled, _ = pipe.encode_prompt(
-            prompt=PROMPTS,
-            prompt_2=None,
-            prompt_3=None,
-            do_classifier_free_guidance=False,
-            max_sequence_length=SAMPLER.max_sequence_length,
-        )
-        x = randn_tensor(
-            (2, 16, SAMPLER.height // 4, SAMPLER.width // 4), generator=seeded_generators(SEEDS)
-        )
         for t in sched.timesteps[:i]:
             x = sched.step(transformer(x, t), t, x, return_dict=False)[0]
     x0 = x - sched.sigmas[i] * transformer(x, sched.timesteps[i])
