@@ -31,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from actors.generator_worker import WorkerGroup, WorkerGroupError
-from actors.reward_server import RewardClient
+from actors.reward_client import RewardClient
 from actors.run_config import RunConfig
 from rewards.checkpoints import file_sha256
 from rewards.errors import UserError

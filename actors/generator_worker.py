@@ -4,7 +4,7 @@ Each worker holds the SD3 generator (frozen VAE and text encoders) and a DeepSpe
 around the trainable transformer; the N workers form one torch.distributed group (gloo on
 CPU, NCCL on GPU) whose address and free port the group picks on rank 0's node. Rewards with
 ``placement: colocated`` run inside each worker; ``placement: server`` ones go through a
-:class:`~actors.reward_server.RewardClient`. Either way the worker gets the scores and the
+:class:`~actors.reward_client.RewardClient`. Either way the worker gets the scores and the
 image gradient ``d(Σ w·r)/d(images)`` and finishes the backward pass itself, so the
 parameter gradients are the same (a test asserts it).
 
@@ -26,7 +26,7 @@ import ray
 import torch
 
 from actors.options import actor_options
-from actors.reward_server import RewardClient
+from actors.reward_client import RewardClient
 from actors.run_config import RunConfig
 from actors.text_encoder import TextEncoderClient, start_text_encoder
 from rlhf.config import bind
@@ -80,7 +80,7 @@ class GeneratorWorker:
         ``policy.generator.text_encoders: actor``."""
         import deepspeed
 
-        from rewards.registry import build_reward
+        from rewards.handles import build_handles
         from rlhf.engine import build_engine
         from rlhf.generator import load_generator
 
@@ -106,15 +106,9 @@ class GeneratorWorker:
         self.engine = build_engine(
             self.gen.transformer, policy.engine, cfg.workers.batch_size, policy.finetune.mode
         )
-        self.rewards = {}  # key -> (weight, ("local", module) | ("server", client))
         self.eval_only = {spec.key for spec in cfg.eval_reward_specs()}  # not in training
-        for spec in cfg.reward_specs() + cfg.eval_reward_specs():
-            if spec.placement == "server":
-                self.rewards[spec.key] = (spec.weight, "server", clients[spec.key])
-            else:
-                torch.manual_seed(cfg.seed)  # random-init tiny rewards: the server's weights too
-                module = build_reward(spec).eval().requires_grad_(False).to(device)
-                self.rewards[spec.key] = (spec.weight, "local", module)
+        specs = cfg.reward_specs() + cfg.eval_reward_specs()
+        self.rewards = build_handles(specs, clients, device, seed=cfg.seed)
         return {
             "rank": self.rank,
             "device": device,
@@ -127,36 +121,13 @@ class GeneratorWorker:
     def _score(self, images: torch.Tensor, prompts: list[str], grad: bool = True):
         """Scores and the image gradient of the optimised (weighted) rewards. Training
         (``grad``) scores the ``rewards`` only; evaluation adds the ``eval_rewards``."""
-        from rlhf.draft import Scores, score_and_grad
+        from rewards.handles import score_handles
 
         t0 = time.perf_counter()
-        x = images.detach().float()
-        comps: dict[str, torch.Tensor] = {}
-        g = torch.zeros_like(x) if grad else None
-        rewards = {k: r for k, r in self.rewards.items() if not (grad and k in self.eval_only)}
-        # Remote rewards run in their servers while the local ones compute here; the calls go
-        # from threads so that each keeps the client's retry-on-restart behaviour.
-        server_out = {}
-        for key, (w, kind, obj) in rewards.items():
-            if kind == "server":
-                if grad and w != 0:
-                    server_out[key] = self._pool.submit(obj.score_and_grad, x, prompts, w)
-                else:
-                    server_out[key] = self._pool.submit(lambda c=obj: (c.score(x, prompts), None))
-        for key, (w, kind, obj) in rewards.items():
-            if kind == "local":
-                s = score_and_grad({key: (1.0, obj)}, x, prompts, grad=grad and w != 0)
-                comps[key] = s.components[key]
-                if s.grad is not None:
-                    g += w * s.grad
-            else:
-                scores, sg = server_out[key].result()
-                comps[key] = scores.float()
-                if sg is not None:
-                    g += sg.float()
-        total = sum(w * comps[k] for k, (w, _, _) in rewards.items() if w != 0)
+        handles = [h for h in self.rewards if not (grad and h.key in self.eval_only)]
+        scores = score_handles(handles, images, prompts, grad=grad, pool=self._pool)
         self._reward_s = time.perf_counter() - t0
-        return Scores(total, comps, g)
+        return scores
 
     # ------------------------------------------------------------------ training
 

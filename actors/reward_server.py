@@ -1,27 +1,21 @@
 """RewardServer: one reward model in a Ray actor, batching concurrent requests.
 
 Generator workers send images and prompts and get back the scores and, for the DRaFT-K
-backward pass, the vector-Jacobian product ``d(weight * sum(scores)) / d(images)``; the
-worker finishes with ``images.backward(-grad)``. Concurrent calls are queued and run together,
-up to ``max_batch_size`` images per forward. Every reward here scores each sample on its
-own (per-sample preprocessing, no batch statistics), so a request's scores and gradient do not
+backward pass, the vector-Jacobian product ``d(weight * sum(scores)) / d(images)``
+(:func:`rewards.scoring.score_and_grad`, per-sample weights); the worker finishes with
+``images.backward(-grad)``. Concurrent calls are queued and run together, up to
+``max_batch_size`` images per forward. Every reward here scores each sample on its own
+(per-sample preprocessing, no batch statistics), so a request's scores and gradient do not
 depend on what it was batched with.
 
-:class:`RewardClient` is the caller's side: a picklable handle that creates or finds the named
-server. Ray restarts a dead server (``resources.max_restarts``) and resends the calls lost
-with it: the server's methods are pure, so each is marked ``max_task_retries=-1``.
-
-Wire format: the client sends numpy arrays, because Ray moves those through its object store
-without pickling (torch tensors are pickled, several times slower at image sizes). The server
-answers in the kind it was sent: numpy for numpy, torch for torch.
+The caller's side is :class:`actors.reward_client.RewardClient`. Every method is pure, so each
+is marked ``max_task_retries=-1``: Ray resends the calls lost to a restart. The server answers
+in the kind it was sent: numpy for numpy (the client's wire format), torch for torch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import hashlib
-import json
 import logging
 import math
 import os
@@ -31,58 +25,19 @@ import warnings
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import ray
 import torch
-from ray.exceptions import RayActorError, RayTaskError
 
-from actors.options import ActorResources, actor_options
 from rewards.base import _RANGE_TOL, check_images
 from rewards.registry import RewardSpec, build_reward
+from rewards.scoring import score_and_grad
 
 log = logging.getLogger(__name__)
 
 SCORE, GRAD = "score", "grad"
-
-
-@dataclass
-class ServerConfig:
-    """How reward servers are placed, batch and are called.
-
-    max_batch_size: images per forward; a larger request runs in chunks of this size.
-    batch_wait_ms: how long the oldest queued request waits for others to join its batch.
-        0 (default) batches only what queued up while the previous forward ran: no added
-        latency for a lone caller, and concurrent callers still share forwards.
-    timeout_s: per call, None waits as long as it takes (a restarting server included).
-    forward_threads: batches computed at the same time. 0 picks: 1 on a GPU, else the
-        server's whole CPUs (a tiny model's forward keeps few cores busy on its own; two
-        batches side by side do). The server's CPUs are split between them: each forward
-        gets ``max(1, floor(num_cpus) // forward_threads)`` torch threads, so a server on
-        ``num_cpus: 0`` (or a fraction) computes on one thread and never competes with the
-        generator for more than one core.
-    """
-
-    resources: ActorResources = field(default_factory=ActorResources)
-    max_batch_size: int = 64
-    batch_wait_ms: float = 0.0
-    timeout_s: float | None = None
-    forward_threads: int = 0
-
-    def validate(self, path: str = "reward_server") -> None:
-        self.resources.validate(f"{path}.resources")
-        if self.max_batch_size < 1:
-            raise ValueError(f"{path}.max_batch_size={self.max_batch_size} must be >= 1")
-        if not 0 <= self.batch_wait_ms <= 10_000:
-            raise ValueError(f"{path}.batch_wait_ms={self.batch_wait_ms} must be in [0, 10000]")
-        if self.timeout_s is not None and self.timeout_s <= 0:
-            raise ValueError(f"{path}.timeout_s={self.timeout_s} must be > 0 or null")
-        if not isinstance(self.forward_threads, int) or self.forward_threads < 0:
-            raise ValueError(
-                f"{path}.forward_threads={self.forward_threads!r} must be an integer >= 0 "
-                "(0: automatic)"
-            )
 
 
 @dataclass
@@ -108,11 +63,11 @@ class RewardServer:
 
     Args:
         spec: a reward spec (``{name, checkpoint, options}``), see :mod:`rewards.registry`.
-        max_batch_size, batch_wait_ms: see :class:`ServerConfig`.
+        max_batch_size, batch_wait_ms: see :class:`~actors.server_config.ServerConfig`.
         seed: seeds torch before the model is built (random-init tiny rewards).
         tracking_uri: the MLflow store that ``models:/`` and ``runs:/`` checkpoints come
             from (the actor process does not see a URI the caller set after Ray started).
-        forward_threads: see :class:`ServerConfig`.
+        forward_threads: see :class:`~actors.server_config.ServerConfig`.
     """
 
     def __init__(
@@ -196,50 +151,18 @@ class RewardServer:
     def _request(self, kind, images, prompts, weight) -> tuple[_Request, bool]:
         try:
             as_numpy = isinstance(images, np.ndarray)
-            if as_numpy:
-                if images.dtype.kind not in "fiub":
-                    raise ValueError(
-                        f"images must be a float array in [0, 1], got dtype {images.dtype}"
-                    )
-                with warnings.catch_warnings():
-                    # Ray hands arrays over read-only; the server never writes to them.
-                    warnings.simplefilter("ignore", UserWarning)
-                    images = torch.from_numpy(images)
-            # Shape and dtype on an empty slice; the values in one pass (NaN shows in min/max).
-            check_images(images[:0] if images.dim() == 4 else images)
-            if images.numel():
-                lo, hi = (float(v) for v in torch.aminmax(images.detach()))
-                if not (math.isfinite(lo) and math.isfinite(hi)):
-                    raise ValueError("images contain NaN or infinite values")
-                if lo < -_RANGE_TOL or hi > 1 + _RANGE_TOL:
-                    raise ValueError(
-                        f"images must have values in [0, 1], got range [{lo:.3f}, {hi:.3f}]"
-                    )
+            images = _check_images(images)
             if prompts is None and not getattr(self.model, "uses_prompts", True):
                 prompts = [""] * len(images)
             if prompts is None:
                 raise ValueError(f"reward {self.spec.key!r} needs prompts")
-            if not isinstance(prompts, Sequence):
-                raise ValueError(
-                    f"prompts must be a sequence of strings, got {type(prompts).__name__}"
-                )
-            if isinstance(prompts, str):
-                raise ValueError("prompts must be a sequence of strings, not a single string")
-            if len(prompts) != len(images):
-                raise ValueError(
-                    f"got {len(images)} images but {len(prompts)} prompts; they must match"
-                )
-            prompts = list(prompts)
-            if not all(isinstance(p, str) for p in prompts):
-                raise ValueError("prompts must all be strings")
+            prompts = _check_prompts(prompts, len(images))
             if (
                 isinstance(weight, bool)
                 or not isinstance(weight, (int, float))
                 or not math.isfinite(weight)
             ):
                 raise ValueError(f"weight={weight!r} must be a finite number")
-            if images.device.type != "cpu":
-                images = images.cpu()
         except (ValueError, TypeError) as e:
             self.stats["errors"] += 1
             if isinstance(e, ValueError):
@@ -357,17 +280,46 @@ class RewardServer:
         return [(s, g.to(r.images.dtype)) for s, g, r in zip(scores, grads, batch)]
 
     def _forward(self, x, prompts, weights) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # The request was checked on arrival: the model's score, not its checking forward.
+        w = 1.0 if weights is None else weights
         x = x.to(self.device, torch.float32, non_blocking=True)
-        if weights is None:
-            with torch.inference_mode():
-                return self.model.score(x, prompts).float().cpu(), None
-        # A fresh leaf: never mark the caller's tensor as requiring grad.
-        x = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            s = self.model.score(x, prompts)
-            # sum_i w_i s_i: each sample's gradient is its request's weight times d s_i / d x_i.
-            (g,) = torch.autograd.grad((s * weights.to(s)).sum(), x)
-        return s.detach().float().cpu(), g.cpu()
+        key = self.spec.key
+        s = score_and_grad({key: (w, self.model.score)}, x, prompts, grad=weights is not None)
+        return s.components[key].cpu(), None if s.grad is None else s.grad.cpu()
+
+
+def _check_images(images) -> torch.Tensor:
+    """A request's images as a CPU tensor, or ``ValueError``: ``(B, 3, H, W)`` float in
+    [0, 1], numpy or torch."""
+    if isinstance(images, np.ndarray):
+        if images.dtype.kind not in "fiub":
+            raise ValueError(f"images must be a float array in [0, 1], got dtype {images.dtype}")
+        with warnings.catch_warnings():
+            # Ray hands arrays over read-only; the server never writes to them.
+            warnings.simplefilter("ignore", UserWarning)
+            images = torch.from_numpy(images)
+    # Shape and dtype on an empty slice; the values in one pass (NaN shows in min/max).
+    check_images(images[:0] if images.dim() == 4 else images)
+    if images.numel():
+        lo, hi = (float(v) for v in torch.aminmax(images.detach()))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError("images contain NaN or infinite values")
+        if lo < -_RANGE_TOL or hi > 1 + _RANGE_TOL:
+            raise ValueError(f"images must have values in [0, 1], got range [{lo:.3f}, {hi:.3f}]")
+    return images.cpu()
+
+
+def _check_prompts(prompts, n: int) -> list[str]:
+    if not isinstance(prompts, Sequence):
+        raise ValueError(f"prompts must be a sequence of strings, got {type(prompts).__name__}")
+    if isinstance(prompts, str):
+        raise ValueError("prompts must be a sequence of strings, not a single string")
+    if len(prompts) != n:
+        raise ValueError(f"got {n} images but {len(prompts)} prompts; they must match")
+    prompts = list(prompts)
+    if not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must all be strings")
+    return prompts
 
 
 def _assigned_cpus() -> int:
@@ -383,151 +335,3 @@ def _assigned_cpus() -> int:
 def _out(t: torch.Tensor, as_numpy: bool):
     # Split views share the batch's storage; torch pickling would ship all of it.
     return t.numpy() if as_numpy else t.clone()
-
-
-_RemoteRewardServer = ray.remote(RewardServer)
-
-
-def server_name(spec: RewardSpec, seed: int | None = None) -> str:
-    """``reward-<key>-<hash>``: the same model (name, checkpoint, options, seed) shares one
-    server; a different one with the same key gets its own."""
-    ident = {"name": spec.name, "checkpoint": spec.checkpoint, "options": spec.options}
-    digest = hashlib.sha1(json.dumps({**ident, "seed": seed}, sort_keys=True, default=str).encode())
-    return f"reward-{spec.key}-{digest.hexdigest()[:8]}"
-
-
-class RewardClient:
-    """The caller's handle on one reward server; picklable, so it can be passed to actors.
-
-    The server is a named actor: the first :meth:`start` (or call) creates it, later ones and
-    other processes find it by name. Create it from the driver or the coordinator, so that
-    the server's lifetime follows that process and not a worker's.
-
-    Ray resends calls lost to a server that died and restarts it (see the module's note); a
-    server gone for good (killed without restart, or out of ``max_restarts``) is created
-    again once per call. A bad request raises the server's ``ValueError`` at once.
-    """
-
-    def __init__(
-        self,
-        spec: dict | RewardSpec | str,
-        config: ServerConfig | None = None,
-        *,
-        seed: int | None = None,
-        name: str | None = None,
-    ):
-        self.spec = spec if isinstance(spec, RewardSpec) else RewardSpec.from_dict(spec)
-        self.config = config or ServerConfig()
-        self.config.validate()
-        self.seed = seed
-        self.name = name or server_name(self.spec, seed)
-        self._handle = None
-
-    def __getstate__(self) -> dict:
-        # Each process looks the server up by name.
-        return {**self.__dict__, "_handle": None}
-
-    @property
-    def handle(self):
-        """The server's actor handle (created if no server of this name is alive)."""
-        if self._handle is None:
-            self._handle = self._get_or_create()
-        return self._handle
-
-    def _get_or_create(self):
-        cfg = self.config
-        opts = actor_options(cfg.resources, self.name, get_if_exists=True)
-        return _RemoteRewardServer.options(**opts).remote(
-            dataclasses.asdict(self.spec),
-            cfg.max_batch_size,
-            cfg.batch_wait_ms,
-            self.seed,
-            tracking_uri=_tracking_uri(self.spec),
-            forward_threads=cfg.forward_threads,
-        )
-
-    def start(self) -> RewardClient:
-        """Create (or find) the server and wait until it has loaded its model."""
-        self._call("ping")
-        return self
-
-    def score(self, images: torch.Tensor, prompts: Sequence[str] | None) -> torch.Tensor:
-        """Args: images ``(B, 3, H, W)`` float in [0, 1] (any device); prompts ``B`` strings.
-        Returns: scores ``(B,)`` float32 on the images' device."""
-        scores = self._call("score", _to_wire(images), _prompts(prompts))
-        return torch.tensor(scores, device=_device(images))
-
-    def score_and_grad(
-        self, images: torch.Tensor, prompts: Sequence[str] | None, weight: float = 1.0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``(scores (B,), grad (B, 3, H, W))``, ``grad = d(weight * sum(scores)) /
-        d(images)`` with the images' dtype and device, ready for ``images.backward(-grad)``."""
-        scores, grad = self._call("score_and_grad", _to_wire(images), _prompts(prompts), weight)
-        dtype = images.dtype if isinstance(images, torch.Tensor) else None
-        device = _device(images)
-        return torch.tensor(scores, device=device), torch.tensor(grad, dtype=dtype, device=device)
-
-    def info(self) -> dict:
-        return self._call("info")
-
-    def shutdown(self) -> None:
-        """Stop the server for good (no restart)."""
-        if self._handle is not None or self._exists():
-            ray.kill(self.handle, no_restart=True)
-        self._handle = None
-
-    def _exists(self) -> bool:
-        try:
-            ray.get_actor(self.name)
-            return True
-        except ValueError:
-            return False
-
-    def _call(self, method: str, *args):
-        recreated = False
-        while True:
-            try:
-                ref = getattr(self.handle, method).remote(*args)
-                return ray.get(ref, timeout=self.config.timeout_s)
-            except RayTaskError as e:
-                if isinstance(e.cause, ValueError):
-                    raise e.cause from None
-                raise
-            except RayActorError as e:
-                if e.actor_init_failed or recreated:
-                    raise
-                log.warning("reward server %s is gone (%s); creating it again", self.name, e)
-                recreated = True
-                # Replaced only after the lookup: dropping the creator's last handle first
-                # would make Ray destroy a server it is still restarting.
-                self._handle = self._get_or_create()
-
-
-def _tracking_uri(spec: RewardSpec) -> str | None:
-    """The caller's MLflow store, when the spec loads anything from MLflow."""
-    text = json.dumps(dataclasses.asdict(spec), default=str)
-    if not any(f'"{s}' in text for s in ("models:/", "runs:/", "mlflow-artifacts:/")):
-        return None
-    import mlflow
-
-    uri = mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///") and not os.path.isabs(uri[len("sqlite:///") :]):
-        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///") :])
-    return uri
-
-
-def _to_wire(images):
-    if isinstance(images, torch.Tensor) and images.is_floating_point():
-        t = images.detach()
-        if t.dtype == torch.bfloat16:  # numpy has no bfloat16
-            t = t.float()
-        return t.cpu().contiguous().numpy()
-    return images  # the server says what is wrong with it
-
-
-def _prompts(prompts):
-    return list(prompts) if prompts is not None and not isinstance(prompts, str) else prompts
-
-
-def _device(images) -> torch.device:
-    return images.device if isinstance(images, torch.Tensor) else torch.device("cpu")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from actors.options import ActorResources
-from actors.reward_server import ServerConfig
+from actors.server_config import ServerConfig
 from rewards.errors import ConfigError
 from rewards.registry import EVAL_ONLY, RewardSpec
 from rlhf.policy_config import PolicyConfig

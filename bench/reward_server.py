@@ -3,8 +3,9 @@
 Both sides score the same tiny reward (same seed, so the same weights) on the same images, in
 one run, through the DRaFT-K path: scores and ``d(weight * sum(scores)) / d(images)``.
 
-- ``inproc``: ``callers`` threads in this process each call the reward directly (forward +
-  ``torch.autograd.grad``), as a colocated reward does;
+- ``inproc``: ``callers`` threads in this process each call the colocated reward handle
+  (:class:`rewards.handles.LocalReward`, what a generator worker runs for ``placement:
+  colocated``);
 - ``server``: ``callers`` threads each call :meth:`RewardClient.score_and_grad` on one
   RewardServer actor, which batches what arrives together.
 
@@ -36,13 +37,6 @@ def _images(batch: int, size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, 3, size, size, generator=g)
     return x, [f"a photo of object {seed}-{i}" for i in range(batch)]
-
-
-def _inproc_call(model, x, prompts, weight=1.0):
-    leaf = x.detach().requires_grad_(True)
-    s = model(leaf, prompts)
-    (g,) = torch.autograd.grad(weight * s.sum(), leaf)
-    return s.detach(), g
 
 
 def _proc(pid: int):
@@ -91,8 +85,10 @@ def run(args) -> dict:
     import ray
 
     from actors.options import ActorResources
-    from actors.reward_server import RewardClient, ServerConfig
-    from rewards.registry import build_reward
+    from actors.reward_client import RewardClient
+    from actors.server_config import ServerConfig
+    from rewards.handles import build_handles
+    from rewards.registry import RewardSpec
 
     cpus = args.cpus or os.cpu_count() or 1
     torch.set_num_threads(cpus)
@@ -116,14 +112,14 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     client = RewardClient(spec, cfg, seed=args.seed).start()
     startup_s = time.perf_counter() - t0
-    torch.manual_seed(args.seed)
-    model = build_reward(spec).eval().requires_grad_(False)
+    # Built as a worker builds a colocated reward: same seed, so the server's weights.
+    local = build_handles([RewardSpec.from_dict(spec)], {}, "cpu", seed=args.seed)[0]
     here, server_proc = _proc(os.getpid()), _proc(client.info()["pid"])
 
     # Same answers on both sides, or the comparison means nothing.
     x, p = _images(4, args.image_size, 0)
     s_srv, g_srv = client.score_and_grad(x, p, 1.0)
-    s_loc, g_loc = _inproc_call(model, x, p)
+    s_loc, g_loc = local.score_and_grad(x, p, 1.0)
     torch.testing.assert_close(s_srv, s_loc, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(g_srv, g_loc, rtol=1e-4, atol=1e-6)
 
@@ -134,13 +130,13 @@ def run(args) -> dict:
             calls = max(args.min_calls, -(-args.images // (batch * callers)))
             n_images = callers * calls * batch
             # Warm-up: one call per caller on each side.
-            _run_threads(lambda x, p: _inproc_call(model, x, p), inputs, 1)
+            _run_threads(lambda x, p: local.score_and_grad(x, p, 1.0), inputs, 1)
             _run_threads(lambda x, p: client.score_and_grad(x, p, 1.0), inputs, 1)
             inproc, server, ratio, busy, cpu_in, cpu_srv = [], [], [], [], [], []
             before = client.info()
             for _ in range(args.repeats):
                 h0 = _cpu(here)
-                wi = _run_threads(lambda x, p: _inproc_call(model, x, p), inputs, calls)
+                wi = _run_threads(lambda x, p: local.score_and_grad(x, p, 1.0), inputs, calls)
                 cpu_in.append((_cpu(here) - h0) / n_images * 1000)
                 c0 = client.info()["compute_s"]
                 h0, s0 = _cpu(here), _cpu(server_proc)

@@ -10,9 +10,10 @@ prediction of the clean latent ``x_i - sigma_i * v``, and descend on
 ``refl_scale * mean(f(r))`` with ``f(r) = relu(refl_target - r)`` (the reference's
 ``relu(-r + 2)``) or ``-r``. In the same terms as DRaFT: the gradient step is ``N-K``.
 
-The reward is applied through its image gradient: :func:`score_and_grad` returns the scores
-and ``g = d(sum_b sum_j w_j r_j)/d images``, and the generator backpropagates the surrogate
-``-(images * g).sum() / B``, whose parameter gradient is that of ``-mean(weighted reward)``.
+The reward is applied through its image gradient: :func:`rewards.scoring.score_and_grad`
+returns the scores and ``g = d(sum_b sum_j w_j r_j)/d images``, and the generator
+backpropagates the surrogate ``-(images * g).sum() / B``, whose parameter gradient is that of
+``-mean(weighted reward)``.
 The same path serves a reward in this process and a reward server in another (which returns
 ``g``), and the reward's activations are freed before the generator's backward.
 
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rewards.scoring import Components, Scores, score_and_grad
 from rlhf.generator import FinetuneConfig, Generator, PromptEmbeds
 from rlhf.sampler import (
     CFG_GRAD,
@@ -42,8 +44,6 @@ from rlhf.sampler import (
 
 log = logging.getLogger(__name__)
 
-RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
-Components = dict[str, tuple[float, RewardFn]]
 K_MODES = ("fixed", "uniform")
 MODES = ("draft", "refl")
 REFL_LOSSES = ("relu", "neg")
@@ -176,29 +176,6 @@ def reward_components(rewards) -> Components:
         if not (isinstance(item, tuple) and len(item) == 2 and callable(item[1])):
             raise ValueError(f"rewards[{name!r}] must be (weight, callable), got {item!r}")
     return {name: (float(w), fn) for name, (w, fn) in out.items()}
-
-
-@dataclass
-class Scores:
-    """``total (B,)`` weighted sum, ``components`` name -> ``(B,)`` unweighted, and
-    ``grad (B, 3, H, W)`` = d(sum of ``total``)/d images (None when not asked for)."""
-
-    total: torch.Tensor
-    components: dict[str, torch.Tensor]
-    grad: torch.Tensor | None = None
-
-
-def score_and_grad(
-    components: Components, images: torch.Tensor, prompts: Sequence[str], grad: bool = True
-) -> Scores:
-    """Score ``images (B, 3, H, W)`` in [0, 1]; with ``grad``, also the image gradient of the
-    summed weighted reward (reward parameters get no gradient)."""
-    x = images.detach().float().requires_grad_(grad)
-    with torch.set_grad_enabled(grad):
-        comps = {name: fn(x, list(prompts)).float() for name, (_, fn) in components.items()}
-        total = sum(components[name][0] * s for name, s in comps.items())
-        g = torch.autograd.grad(total.sum(), x)[0] if grad else None
-    return Scores(total.detach(), {k: v.detach() for k, v in comps.items()}, g)
 
 
 def reward_objective(total: torch.Tensor, cfg: DraftConfig) -> tuple[torch.Tensor, float]:

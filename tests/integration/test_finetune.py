@@ -11,8 +11,9 @@ from mlflow import MlflowClient
 
 from actors.coordinator import Coordinator, RunStopped, checkpoint_folders, verify_checkpoint
 from actors.generator_worker import GeneratorWorker
-from actors.reward_server import RewardClient
+from actors.reward_client import RewardClient
 from actors.run_config import RunConfig
+from rewards.handles import LocalReward
 from rewards.registry import RewardSpec, build_reward
 from rlhf.config import load_config
 from tests.integration.conftest import ROOT
@@ -90,16 +91,16 @@ def test_quickstart_config_end_to_end_with_a_dead_server_and_a_dead_worker(
 def test_server_and_colocated_rewards_give_the_same_gradient(ray_local, tmp_path):
     cfg = small_cfg(tmp_path)
     worker = GeneratorWorker(cfg.to_dict(), 0, 1)  # its scoring path, without a generator
-    spec = RewardSpec.from_dict({"name": "ict", "options": {"backbone": "tiny"}})
+    spec = RewardSpec.from_dict({"name": "ict", "weight": 0.7, "options": {"backbone": "tiny"}})
     torch.manual_seed(cfg.seed)
     local = build_reward(spec).eval().requires_grad_(False)
     server = RewardClient(spec, cfg.reward_server, seed=cfg.seed).start()
     images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     prompts = ["a red circle", "two blue squares", "a green triangle"]
     try:
-        worker.rewards = {"ict": (0.7, "local", local)}
+        worker.rewards = [LocalReward(spec, local)]
         a = worker._score(images, prompts)
-        worker.rewards = {"ict": (0.7, "server", server)}
+        worker.rewards = [server]
         b = worker._score(images, prompts)
     finally:
         server.shutdown()
@@ -109,7 +110,7 @@ def test_server_and_colocated_rewards_give_the_same_gradient(ray_local, tmp_path
     # Swapping the reward swaps what is optimised: another gradient, other components.
     torch.manual_seed(cfg.seed)
     hp = build_reward({"name": "hp", "options": {"backbone": "tiny"}}).eval()
-    worker.rewards = {"hp": (0.7, "local", hp.requires_grad_(False))}
+    worker.rewards = [LocalReward(RewardSpec("hp", weight=0.7), hp.requires_grad_(False))]
     c = worker._score(images, prompts)
     assert set(c.components) == {"hp"}
     assert not torch.allclose(c.grad, a.grad)

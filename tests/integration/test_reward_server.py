@@ -12,8 +12,10 @@ import ray
 import torch
 
 from actors.options import ActorResources
-from actors.reward_server import RewardClient, ServerConfig
-from rewards.registry import build_reward, save_reward
+from actors.reward_client import RewardClient
+from actors.server_config import ServerConfig
+from rewards.handles import LocalReward, RewardHandle
+from rewards.registry import RewardSpec, build_reward, save_reward
 
 pytestmark = pytest.mark.integration
 TINY = {"backbone": "tiny"}
@@ -27,11 +29,10 @@ def _batch(n, seed, size=40):
 
 
 def _local(model, images, prompts, weight=1.0):
-    """What a colocated reward computes: scores and d(weight * sum(scores)) / d(images)."""
-    x = images.clone().requires_grad_(True)
-    s = model(x, prompts)
-    (g,) = torch.autograd.grad(weight * s.sum(), x)
-    return s.detach(), g
+    """What a colocated reward computes (the same model in this process): scores and
+    d(weight * sum(scores)) / d(images). The computation itself is checked against plain
+    autograd in tests/unit/test_scoring.py."""
+    return LocalReward(RewardSpec("ict"), model).score_and_grad(images, prompts, weight)
 
 
 def _close(a, b):
@@ -59,7 +60,7 @@ def server(ray_local, saved_ict):
 
 
 def test_saved_reward_loads_and_matches_in_process(server, saved_ict):
-    model, _ = saved_ict
+    model, folder = saved_ict
     x, p = _batch(3, 0)
     _close(server.score(x, p), _local(model, x, p)[0])
     s, g = server.score_and_grad(x, p, weight=2.5)
@@ -69,6 +70,13 @@ def test_saved_reward_loads_and_matches_in_process(server, saved_ict):
     assert g.dtype == x.dtype and g.shape == x.shape and g.abs().sum() > 0
     info = server.info()
     assert info["name"] == "ict" and info["device"] == "cpu"
+    # A reward handle weighted by its spec: the same server (its name ignores the weight),
+    # called without a weight, returns the spec-weighted gradient.
+    spec = {"name": "ict", "checkpoint": str(folder), "weight": 2.5}
+    weighted = RewardClient(spec, server.config)
+    assert isinstance(weighted, RewardHandle) and not weighted.in_process
+    assert (weighted.name, weighted.key, weighted.weight) == (server.name, "ict", 2.5)
+    _close(weighted.score_and_grad(x, p)[1], g_ref)
 
 
 def test_request_larger_than_max_batch_is_chunked(server, saved_ict):

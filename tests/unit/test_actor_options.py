@@ -85,7 +85,7 @@ def test_extra_options_cannot_override_resources():
 
 
 def test_server_config_validation_names_the_key():
-    from actors.reward_server import ServerConfig
+    from actors.server_config import ServerConfig
 
     ServerConfig().validate()
     for kwargs, key in [

@@ -11,13 +11,8 @@ import pytest
 import torch
 
 from rewards.registry import build_reward
-from rlhf.draft import (
-    DraftConfig,
-    draft_step,
-    rollout_images,
-    score_and_grad,
-    surrogate_loss,
-)
+from rewards.scoring import score_and_grad
+from rlhf.draft import DraftConfig, draft_step, rollout_images, surrogate_loss
 from rlhf.engine import EngineConfig, PlainEngine
 from rlhf.export import LORA_WEIGHTS, atomic_folder, export_lora
 from rlhf.generator import (

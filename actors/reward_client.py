@@ -1,0 +1,189 @@
+"""RewardClient: the caller's handle on one :class:`~actors.reward_server.RewardServer`.
+
+A picklable :class:`~rewards.handles.RewardHandle` that creates or finds the named server.
+Ray restarts a dead server (``resources.max_restarts``) and resends the calls lost with it:
+the server's methods are pure, so each is marked ``max_task_retries=-1``; a server gone for
+good is created again.
+
+Wire format: the client sends numpy arrays, because Ray moves those through its object store
+without pickling (torch tensors are pickled, several times slower at image sizes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+
+import ray
+import torch
+from ray.exceptions import RayActorError, RayTaskError
+
+from actors.options import actor_options
+from actors.reward_server import RewardServer
+from actors.server_config import ServerConfig
+from rewards.registry import RewardSpec
+
+log = logging.getLogger(__name__)
+
+_RemoteRewardServer = ray.remote(RewardServer)
+
+
+def server_name(spec: RewardSpec, seed: int | None = None) -> str:
+    """``reward-<key>-<hash>``: the same model (name, checkpoint, options, seed) shares one
+    server; a different one with the same key gets its own."""
+    ident = {"name": spec.name, "checkpoint": spec.checkpoint, "options": spec.options}
+    digest = hashlib.sha1(json.dumps({**ident, "seed": seed}, sort_keys=True, default=str).encode())
+    return f"reward-{spec.key}-{digest.hexdigest()[:8]}"
+
+
+class RewardClient:
+    """The caller's handle on one reward server; picklable, so it can be passed to actors.
+
+    The server is a named actor: the first :meth:`start` (or call) creates it, later ones and
+    other processes find it by name. Create it from the driver or the coordinator, so that
+    the server's lifetime follows that process and not a worker's.
+
+    Ray resends calls lost to a server that died and restarts it (see the module's note); a
+    server gone for good (killed without restart, or out of ``max_restarts``) is created
+    again once per call. A bad request raises the server's ``ValueError`` at once.
+    """
+
+    in_process = False  # a RewardHandle computing in another process
+
+    def __init__(
+        self,
+        spec: dict | RewardSpec | str,
+        config: ServerConfig | None = None,
+        *,
+        seed: int | None = None,
+        name: str | None = None,
+    ):
+        self.spec = spec if isinstance(spec, RewardSpec) else RewardSpec.from_dict(spec)
+        self.config = config or ServerConfig()
+        self.config.validate()
+        self.seed = seed
+        self.name = name or server_name(self.spec, seed)
+        self._handle = None
+
+    def __getstate__(self) -> dict:
+        # Each process looks the server up by name.
+        return {**self.__dict__, "_handle": None}
+
+    @property
+    def key(self) -> str:
+        return self.spec.key
+
+    @property
+    def weight(self) -> float:
+        return self.spec.weight
+
+    @property
+    def handle(self):
+        """The server's actor handle (created if no server of this name is alive)."""
+        if self._handle is None:
+            self._handle = self._get_or_create()
+        return self._handle
+
+    def _get_or_create(self):
+        cfg = self.config
+        opts = actor_options(cfg.resources, self.name, get_if_exists=True)
+        return _RemoteRewardServer.options(**opts).remote(
+            dataclasses.asdict(self.spec),
+            cfg.max_batch_size,
+            cfg.batch_wait_ms,
+            self.seed,
+            tracking_uri=_tracking_uri(self.spec),
+            forward_threads=cfg.forward_threads,
+        )
+
+    def start(self) -> RewardClient:
+        """Create (or find) the server and wait until it has loaded its model."""
+        self._call("ping")
+        return self
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str] | None) -> torch.Tensor:
+        """Args: images ``(B, 3, H, W)`` float in [0, 1] (any device); prompts ``B`` strings.
+        Returns: scores ``(B,)`` float32 on the images' device."""
+        scores = self._call("score", _to_wire(images), _prompts(prompts))
+        return torch.tensor(scores, device=_device(images))
+
+    def score_and_grad(
+        self, images: torch.Tensor, prompts: Sequence[str] | None, weight: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(scores (B,), grad (B, 3, H, W))``, ``grad = d(w * sum(scores)) /
+        d(images)`` with the images' dtype and device, ready for ``images.backward(-grad)``;
+        ``w`` is ``weight``, or the spec's when None."""
+        w = self.weight if weight is None else weight
+        scores, grad = self._call("score_and_grad", _to_wire(images), _prompts(prompts), w)
+        dtype = images.dtype if isinstance(images, torch.Tensor) else None
+        device = _device(images)
+        return torch.tensor(scores, device=device), torch.tensor(grad, dtype=dtype, device=device)
+
+    def info(self) -> dict:
+        return self._call("info")
+
+    def shutdown(self) -> None:
+        """Stop the server for good (no restart)."""
+        if self._handle is not None or self._exists():
+            ray.kill(self.handle, no_restart=True)
+        self._handle = None
+
+    def _exists(self) -> bool:
+        try:
+            ray.get_actor(self.name)
+            return True
+        except ValueError:
+            return False
+
+    def _call(self, method: str, *args):
+        recreated = False
+        while True:
+            try:
+                ref = getattr(self.handle, method).remote(*args)
+                return ray.get(ref, timeout=self.config.timeout_s)
+            except RayTaskError as e:
+                if isinstance(e.cause, ValueError):
+                    raise e.cause from None
+                raise
+            except RayActorError as e:
+                if e.actor_init_failed or recreated:
+                    raise
+                log.warning("reward server %s is gone (%s); creating it again", self.name, e)
+                recreated = True
+                # Replaced only after the lookup: dropping the creator's last handle first
+                # would make Ray destroy a server it is still restarting.
+                self._handle = self._get_or_create()
+
+
+def _tracking_uri(spec: RewardSpec) -> str | None:
+    """The caller's MLflow store, when the spec loads anything from MLflow."""
+    text = json.dumps(dataclasses.asdict(spec), default=str)
+    if not any(f'"{s}' in text for s in ("models:/", "runs:/", "mlflow-artifacts:/")):
+        return None
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not os.path.isabs(uri[len("sqlite:///") :]):
+        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///") :])
+    return uri
+
+
+def _to_wire(images):
+    if isinstance(images, torch.Tensor) and images.is_floating_point():
+        t = images.detach()
+        if t.dtype == torch.bfloat16:  # numpy has no bfloat16
+            t = t.float()
+        return t.cpu().contiguous().numpy()
+    return images  # the server says what is wrong with it
+
+
+def _prompts(prompts):
+    return list(prompts) if prompts is not None and not isinstance(prompts, str) else prompts
+
+
+def _device(images) -> torch.device:
+    return images.device if isinstance(images, torch.Tensor) else torch.device("cpu")
