@@ -184,6 +184,12 @@ class OpenClipBackbone(ClipBackbone):
                 [m.transformer, m.token_embedding, m.ln_final, _ParamHolder(params)],
             )
         v = m.visual
+        if hasattr(v, "attnpool"):
+            # open_clip's ModifiedResNet (RN50, the world CLIP's resnet): its four stages are
+            # the blocks and the attention pool, which holds the output projection, the last
+            # layer; the convolutional stem stays trainable, as a ViT's patch embedding does.
+            stages = [v.layer1, v.layer2, v.layer3, v.layer4]
+            return Tower(stages, v.attnpool, _ParamHolder([]), [v])
         proj = [v.proj] if getattr(v, "proj", None) is not None else []
         return Tower(list(v.transformer.resblocks), v.ln_post, _ParamHolder(proj), [v])
 

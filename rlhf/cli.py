@@ -188,7 +188,14 @@ def cmd_world_build(args) -> int:
     if unknown:
         raise ConfigError(f"--stages: unknown stage(s) {unknown} (known: {', '.join(STAGES)})")
     out = Path(args.out) if args.out else ASSETS
-    result = build_world(out, scale=args.scale, seed=args.seed, stages=stages, jobs=args.jobs)
+    result = build_world(
+        out,
+        scale=args.scale,
+        seed=args.seed,
+        stages=stages,
+        jobs=args.jobs,
+        clip_vision=args.clip_vision,
+    )
     print(json.dumps(result["report"], indent=2))
     print(f"world in {out} (manifest.json lists every file with its sha256)")
     return 0
@@ -328,6 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     wb.add_argument(
         "--jobs", type=int, default=2, help="processes (2: the CLIP beside the judge and VAE)"
+    )
+    wb.add_argument(
+        "--clip-vision",
+        choices=("vit", "resnet"),
+        default=None,
+        help="the world CLIP's image tower (default: the recipe's, vit)",
     )
     wb.set_defaults(func=cmd_world_build)
     wv = _parser(ws, "verify", "check the world's files against its manifest")

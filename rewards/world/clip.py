@@ -100,21 +100,35 @@ def build_tokenizer(context_length: int = CONTEXT_LENGTH):
     )
 
 
-def model_config(vocab_size: int, scale: str = "full") -> dict:
+def model_config(vocab_size: int, scale: str = "full", vision: str = "vit") -> dict:
     """open_clip config of ``world-clip`` (``toy``: a smaller one for the CI build test).
 
-    Sized for 2 CPU cores: a 3-block ViT over 8 px patches (64 tokens) and a 2-block text
-    tower; the world's language is small, its pictures carry the binding."""
+    Sized for 2 CPU cores: a 2-block, 64-wide text tower (the world's language is small) and
+    an image tower that is either a 3-block ViT over 8 px patches (``vit``, 64 tokens) or
+    open_clip's ``ModifiedResNet`` (``resnet``: one bottleneck per stage, attention pool; the
+    RN50 layout at width 16). At equal steps the ResNet separates shapes, textures and swapped
+    colours far better (BENCHMARKS.md, section 0)."""
     vw, vl, tw, tl = (96, 3, 64, 2) if scale == "full" else (64, 2, 32, 1)
-    return {
-        "embed_dim": 64 if scale == "full" else 32,
-        "vision_cfg": {
+    if vision == "vit":
+        vision_cfg = {
             "image_size": S.SIZE,
             "layers": vl,
             "width": vw,
             "head_width": 32,
             "patch_size": 8,
-        },
+        }
+    elif vision == "resnet":
+        vision_cfg = {
+            "image_size": S.SIZE,
+            "layers": [1, 1, 1, 1],
+            "width": 16 if scale == "full" else 8,
+            "head_width": 16,
+        }
+    else:
+        raise ValueError(f"vision={vision!r} must be 'vit' or 'resnet'")
+    return {
+        "embed_dim": 64 if scale == "full" else 32,
+        "vision_cfg": vision_cfg,
         "text_cfg": {
             "context_length": CONTEXT_LENGTH,
             "vocab_size": vocab_size,
@@ -239,6 +253,7 @@ def train_clip(
     scale: str = "full",
     progress: bool = True,
     negatives_per_image: int = 3,
+    vision: str = "vit",
 ):
     """Pretrain ``world-clip`` contrastively; returns ``(model, tokenizer, config)``.
 
@@ -250,7 +265,7 @@ def train_clip(
 
     torch.manual_seed(seed)
     tok = build_tokenizer()
-    config = model_config(len(tok), scale)
+    config = model_config(len(tok), scale, vision)
     model = create_model(config)
     t0 = time.time()
     k = negatives_per_image

@@ -23,7 +23,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,9 @@ class Recipe:
     clip_pairs: int = 20000
     clip_steps: int = 2400
     clip_batch: int = 64
+    # The shipped world was built with "vit"; "resnet" reaches far higher caption choice at
+    # the same steps (BENCHMARKS.md section 0) and becomes the default with the next rebuild.
+    clip_vision: str = "vit"
     judge_train: int = 8000
     judge_steps: int = 900
     sd3_images: int = 12000
@@ -149,12 +152,14 @@ def build_world(
     stages=STAGES,
     threads: int | None = 1,
     jobs: int = 1,
+    clip_vision: str | None = None,
 ) -> dict:
     """Build the ``stages`` into ``out`` (see the module docstring); returns the report and
     the manifest. ``threads``: torch threads per process (one by default: two OpenMP threads
     on two cores stall badly whenever anything else runs there; None leaves torch's setting).
     ``jobs=2`` trains the CLIP in a second process while this one trains the judge and VAE
-    (they do not depend on it); the SD3 waits for both."""
+    (they do not depend on it); the SD3 waits for both. ``clip_vision``: the CLIP's image
+    tower, ``vit`` or ``resnet`` (None: the recipe's)."""
     from rewards.world import clip as C
     from rewards.world import judge as J
     from rlhf.world import sd3 as W
@@ -164,6 +169,10 @@ def build_world(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     recipe = Recipe.for_scale(scale)
+    if clip_vision is not None:
+        if clip_vision not in ("vit", "resnet"):
+            raise ValueError(f"clip_vision={clip_vision!r} must be 'vit' or 'resnet'")
+        recipe = replace(recipe, clip_vision=clip_vision)
     progress = True
     timings: dict[str, float] = {}
     clip_dir, judge_dir, sd3_dir = out / "clip", out / "judge", out / "sd3"
@@ -173,7 +182,7 @@ def build_world(
         import multiprocessing as mp
 
         side = mp.get_context("spawn").Process(
-            target=build_world, args=(out, scale, seed, ("clip",), threads, 1)
+            target=build_world, args=(out, scale, seed, ("clip",), threads, 1, recipe.clip_vision)
         )
         side.start()
     if side is None and "clip" in stages and not _done(clip_dir):
@@ -186,6 +195,7 @@ def build_world(
             seed=seed,
             scale=scale,
             progress=progress,
+            vision=recipe.clip_vision,
         )
         tmp = out / ".clip.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -277,7 +287,8 @@ def build_world(
     if "report" in timings:
         seconds["report"] = round(timings["report"], 1)
     manifest = {
-        "command": f"rlhf world build{_out_arg(out)} --scale {scale} --seed {seed} --jobs {jobs}",
+        "command": f"rlhf world build{_out_arg(out)} --scale {scale} --seed {seed} --jobs {jobs}"
+        + (f" --clip-vision {recipe.clip_vision}" if recipe.clip_vision != "vit" else ""),
         "recipe": asdict(recipe),
         "seconds": seconds,
         "files": file_table(out),

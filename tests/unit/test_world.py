@@ -185,3 +185,47 @@ def test_finetuning_the_world_generator_raises_the_held_out_ict(one_torch_thread
         f"{before['geneval_mini']['mean']:.3f} -> {after['geneval_mini']['mean']:.3f}"
     )
     assert after["ict"] - before["ict"] >= ICT_MARGIN
+
+
+def test_world_clip_with_a_resnet_image_tower_trains_loads_and_freezes(tmp_path, one_torch_thread):
+    """The recipe's ``clip_vision: resnet``: open_clip's ModifiedResNet as the image tower,
+    saved and loaded like the ViT one, and frozen stage by stage like a ViT's blocks."""
+    from rewards.backbones import build_backbone
+    from rlhf.world.build import build_world
+
+    out = tmp_path / "world"
+    build_world(out, scale="toy", seed=0, stages=("clip",), clip_vision="resnet")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["recipe"]["clip_vision"] == "resnet"
+    assert manifest["command"].endswith("--clip-vision resnet")
+    clip = out / "clip"
+    assert isinstance(
+        json.loads((clip / "open_clip_config.json").read_text())["vision_cfg"]["layers"], list
+    )
+    spec = {
+        "kind": "open_clip",
+        "model": str(clip / "open_clip_config.json"),
+        "pretrained": str(clip / "open_clip.safetensors"),
+        "extra": {"tokenizer": str(clip / "tokenizer")},
+    }
+    backbone = build_backbone(spec)
+    v = backbone.model.visual
+    assert hasattr(v, "attnpool")
+    feats = backbone.encode_image(backbone.pixels(torch.rand(2, 3, 64, 64)))
+    assert feats.shape == (2, backbone.embed_dim) and torch.isfinite(feats).all()
+
+    def trainable(m):
+        return all(p.requires_grad for p in m.parameters())
+
+    def frozen(m):
+        return not any(p.requires_grad for p in m.parameters())
+
+    # Half of [layer1, layer2, layer3, layer4, attention pool]: the first two stages.
+    backbone.freeze(vision_fraction=0.5)
+    assert frozen(v.layer1) and frozen(v.layer2)
+    assert trainable(v.layer3) and trainable(v.layer4) and trainable(v.attnpool)
+    assert trainable(v.conv1) and trainable(backbone.model.transformer)
+    backbone.freeze(vision_fraction=1.0)
+    assert frozen(v)
+    with pytest.raises(ValueError, match="clip_vision"):
+        build_world(tmp_path / "bad", scale="toy", stages=("clip",), clip_vision="convnext")
