@@ -9,7 +9,9 @@ What Ray 2.60's RDT allows, read in its code (``ray/actor.py``, ``ray/_private/w
   another actor of the same collective group. ``ray.put(x, _tensor_transport="gloo")`` is
   refused (two-sided transport), and so is ``ray.get`` of such a ref ("ray.get is not allowed
   on RDT objects using the two-sided transport GLOO"): a caller's own thread can neither send
-  nor receive. So the caller must be an actor created with ``enable_tensor_transport=True``:
+  nor receive. So the caller must be an actor of a class declared with
+  ``@ray.remote(enable_tensor_transport=True)`` (Ray reads it from the class, not from
+  ``.options()``):
   the images are the return of a task on its own ``_ray_system`` thread (the one Ray adds for
   transfers), and the answer is the argument of another task there, which hands it back to
   the waiting thread through this process's memory (:data:`_MAILBOX`).
@@ -65,7 +67,7 @@ class TransportUnavailable(RuntimeError):
 class DirectRewardServer(ServerCore):
     """One reward model behind a threaded Ray actor whose answers travel by RDT.
 
-    Create it with ``enable_tensor_transport=True`` and ``max_concurrency`` of at least the
+    Create it with ``ray.remote(enable_tensor_transport=True)`` and ``max_concurrency`` of at least the
     callers that may wait on it at once, plus one for :meth:`info`. Each method call carries
     ``.options(tensor_transport=...)``; the images argument arrives as a tensor on the server
     (Gloo: CPU, NCCL: CUDA), the returned tensors stay here until the caller has taken them.
@@ -164,10 +166,10 @@ def check_caller(transport: str):
         ) from None
     if not me._ray_enable_tensor_transport:
         raise TransportUnavailable(
-            f"{key}: the calling actor was created without enable_tensor_transport=True, so "
-            "Ray gives it no thread for transfers (Ray Train's worker actors are created that "
-            "way). Use transport: object_store, or create the caller with "
-            ".options(enable_tensor_transport=True)."
+            f"{key}: the calling actor's class was not declared with "
+            "@ray.remote(enable_tensor_transport=True), so Ray gives it no thread for "
+            "transfers (Ray Train's worker actors are declared that way). Use transport: "
+            "object_store, or declare the caller's class with enable_tensor_transport=True."
         )
     return me
 
@@ -196,6 +198,9 @@ class DirectChannel:
     @classmethod
     def to(cls, server, transport: str) -> DirectChannel:
         """The channel of this process to ``server`` (created on first use)."""
+        # Ray 2.60's ray.get_actor, in a process that has not seen the handle before, builds
+        # it without the class's enable_tensor_transport; the server's class declares it.
+        server._ray_enable_tensor_transport = True
         key = (server._actor_id, transport)
         with _channels_lock:
             if key not in _channels:
@@ -207,9 +212,10 @@ class DirectChannel:
         the transport. Raises what the server raised."""
         box_in, box_out = f"in-{next(self._ids)}", f"out-{next(self._ids)}"
         _MAILBOX[box_in] = images
-        system = self.me.__ray_call__.options(concurrency_group="_ray_system")
+        system = {"concurrency_group": "_ray_system"}
         try:
-            x_ref = system.options(tensor_transport=self.transport).remote(_take, box_in)
+            x_ref = self.me.__ray_call__.options(**system, tensor_transport=self.transport)
+            x_ref = x_ref.remote(_take, box_in)
             ref = getattr(self.server, method).options(tensor_transport=self.transport)
             ref = ref.remote(x_ref, *args)
             del x_ref  # the server holds it now; dropping ours frees the sent copy after
@@ -221,7 +227,8 @@ class DirectChannel:
             if rdt.wait_for_tensor_transport_metadata(ref.hex(), timeout=1.0) is None:
                 ray.get(ref, _use_object_store=True, timeout=timeout)  # raises the task's error
                 raise RuntimeError(f"reward server answered {method} without tensors")
-            ray.get(system.remote(_keep, box_out, ref), timeout=timeout)
+            kept = self.me.__ray_call__.options(**system).remote(_keep, box_out, ref)
+            ray.get(kept, timeout=timeout)
             return _MAILBOX.pop(box_out)
         finally:
             _MAILBOX.pop(box_in, None)

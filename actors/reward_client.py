@@ -35,7 +35,8 @@ from rewards.registry import RewardSpec
 log = logging.getLogger(__name__)
 
 _RemoteRewardServer = ray.remote(RewardServer)
-_RemoteDirectServer = ray.remote(DirectRewardServer)
+# At the class, not in .options(): Ray reads enable_tensor_transport from the class only.
+_RemoteDirectServer = ray.remote(enable_tensor_transport=True)(DirectRewardServer)
 # Threads of a direct server when resources.max_concurrency is not set: callers that may wait
 # on it at once (each holds a thread), plus info().
 _DIRECT_CONCURRENCY = 64
@@ -112,7 +113,6 @@ class RewardClient:
         kwargs = {"tracking_uri": _tracking_uri(self.spec), "forward_threads": cfg.forward_threads}
         if not self.direct:
             return _RemoteRewardServer.options(**opts).remote(*args, **kwargs)
-        opts["enable_tensor_transport"] = True
         opts.setdefault("max_concurrency", _DIRECT_CONCURRENCY)
         return _RemoteDirectServer.options(**opts).remote(*args, transport=cfg.transport, **kwargs)
 

@@ -27,8 +27,8 @@ class ServerConfig:
     transport: how images and gradients travel. ``object_store`` (default): Ray's object
         store, from any caller. ``gloo`` / ``nccl``: Ray's direct tensor transport between
         actors (CPU / GPU tensors), see :mod:`actors.direct_transport`; the caller must be an
-        actor created with ``enable_tensor_transport=True``, else its first call fails
-        saying so.
+        actor of a class declared ``@ray.remote(enable_tensor_transport=True)``, else its
+        first call fails saying so.
     """
 
     resources: ActorResources = field(default_factory=ActorResources)
