@@ -26,9 +26,11 @@ What Ray 2.60's RDT allows, read in its code (``ray/actor.py``, ``ray/_private/w
 - The server must not be an asyncio actor (RDT's documented limit): :class:`DirectRewardServer`
   is a threaded actor batching with :class:`~actors.reward_server.ServerCore`'s logic.
 - A failed or hung (``RAY_rdt_fetch_fail_timeout_milliseconds``, 60 s) collective transfer
-  makes Ray kill both actors, server and caller; Ray then restarts the server per
-  ``resources.max_restarts``. Calls are not resent over RDT: a caller killed mid-call is the
-  worker group's failure to handle (Ray Train restarts it).
+  makes Ray kill both actors, server and caller (``RDTManager._abort_transport``); Ray then
+  restarts the server per ``resources.max_restarts``. A restarted server has lost its groups,
+  so the next transfer to it should fail the same way (read from the code, not tested). Unlike the object store path, a server
+  restart therefore costs the callers too: the worker group's failure to handle (Ray Train
+  restarts it).
 
 Ray Train's worker actors are created by Ray Train without ``enable_tensor_transport``, so a
 ``train_func`` cannot use this transport in Ray 2.60; :func:`check_caller` says so at the
@@ -168,7 +170,7 @@ def check_caller(transport: str):
         raise TransportUnavailable(
             f"{key}: the calling actor's class was not declared with "
             "@ray.remote(enable_tensor_transport=True), so Ray gives it no thread for "
-            "transfers (Ray Train's worker actors are declared that way). Use transport: "
+            "transfers (Ray Train's worker actors are declared without it). Use transport: "
             "object_store, or declare the caller's class with enable_tensor_transport=True."
         )
     return me
@@ -221,8 +223,9 @@ class DirectChannel:
             del x_ref  # the server holds it now; dropping ours frees the sent copy after
             if not ray.wait([ref], timeout=timeout)[0]:
                 raise ray.exceptions.GetTimeoutError(f"reward server: {method} timed out")
-            # Receiving runs on this actor's one _ray_system thread, so it must be asked for
-            # only once the answer exists: a receive queued behind it would never run.
+            # The hand-over task and the receive both run on this actor's one _ray_system
+            # thread: asked for before the answer exists, the hand-over would wait there for
+            # a receive queued behind it.
             rdt = ray._private.worker.global_worker.rdt_manager
             if rdt.wait_for_tensor_transport_metadata(ref.hex(), timeout=1.0) is None:
                 ray.get(ref, _use_object_store=True, timeout=timeout)  # raises the task's error

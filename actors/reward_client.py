@@ -62,7 +62,8 @@ class RewardClient:
 
     Ray resends calls lost to a server that died and restarts it (see the module's note); a
     server gone for good (killed without restart, or out of ``max_restarts``) is created
-    again once per call. A bad request raises the server's ``ValueError`` at once.
+    again once per call (over a direct transport a restart costs more: see
+    :mod:`actors.direct_transport`). A bad request raises the server's ``ValueError`` at once.
     """
 
     in_process = False  # a RewardHandle computing in another process

@@ -104,7 +104,7 @@ class ServerCore:
         # Set here, not left to OMP_NUM_THREADS: Ray keeps a value inherited from the driver's
         # environment, so a server on 0 CPUs would otherwise run the driver's thread count.
         torch.set_num_threads(max(1, cpus // self.forward_threads))
-        # Forwards run in these threads: the event loop stays free to queue new requests.
+        # Forwards run in these threads: the queue stays free to take new requests.
         self._executor = ThreadPoolExecutor(self.forward_threads, thread_name_prefix="forward")
         self._stats_lock = threading.Lock()  # counts change in the forward threads
         self.stats = {"batches": 0, "requests": 0, "images": 0, "errors": 0, "compute_s": 0.0}
