@@ -5,8 +5,11 @@ Ray restarts a dead server (``resources.max_restarts``) and resends the calls lo
 the server's methods are pure, so each is marked ``max_task_retries=-1``; a server gone for
 good is created again.
 
-Wire format: the client sends numpy arrays, because Ray moves those through its object store
-without pickling (torch tensors are pickled, several times slower at image sizes).
+Wire format (``reward_server.transport: object_store``): the client sends numpy arrays, because
+Ray moves those through its object store without pickling (torch tensors are pickled, several
+times slower at image sizes). With ``gloo`` / ``nccl`` the server is a
+:class:`~actors.direct_transport.DirectRewardServer` and torch tensors travel by Ray's direct
+tensor transport; the caller must then be a suitable actor (see that module).
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ import logging
 import os
 from collections.abc import Sequence
 
+import numpy as np
 import ray
 import torch
 from ray.exceptions import RayActorError, RayTaskError
 
+from actors.direct_transport import DirectChannel, DirectRewardServer
 from actors.options import actor_options
 from actors.reward_server import RewardServer
 from actors.server_config import ServerConfig
@@ -30,13 +35,21 @@ from rewards.registry import RewardSpec
 log = logging.getLogger(__name__)
 
 _RemoteRewardServer = ray.remote(RewardServer)
+# At the class, not in .options(): Ray reads enable_tensor_transport from the class only.
+_RemoteDirectServer = ray.remote(enable_tensor_transport=True)(DirectRewardServer)
+# Threads of a direct server when resources.max_concurrency is not set: callers that may wait
+# on it at once (each holds a thread), plus info().
+_DIRECT_CONCURRENCY = 64
 
 
-def server_name(spec: RewardSpec, seed: int | None = None) -> str:
-    """``reward-<key>-<hash>``: the same model (name, checkpoint, options, seed) shares one
-    server; a different one with the same key gets its own."""
+def server_name(spec: RewardSpec, seed: int | None = None, transport: str = "object_store") -> str:
+    """``reward-<key>-<hash>``: the same model (name, checkpoint, options, seed) over the
+    same transport shares one server; a different one with the same key gets its own."""
     ident = {"name": spec.name, "checkpoint": spec.checkpoint, "options": spec.options}
-    digest = hashlib.sha1(json.dumps({**ident, "seed": seed}, sort_keys=True, default=str).encode())
+    ident["seed"] = seed
+    if transport != "object_store":  # a different actor class
+        ident["transport"] = transport
+    digest = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode())
     return f"reward-{spec.key}-{digest.hexdigest()[:8]}"
 
 
@@ -49,7 +62,8 @@ class RewardClient:
 
     Ray resends calls lost to a server that died and restarts it (see the module's note); a
     server gone for good (killed without restart, or out of ``max_restarts``) is created
-    again once per call. A bad request raises the server's ``ValueError`` at once.
+    again once per call (over a direct transport a restart costs more: see
+    :mod:`actors.direct_transport`). A bad request raises the server's ``ValueError`` at once.
     """
 
     in_process = False  # a RewardHandle computing in another process
@@ -66,7 +80,7 @@ class RewardClient:
         self.config = config or ServerConfig()
         self.config.validate()
         self.seed = seed
-        self.name = name or server_name(self.spec, seed)
+        self.name = name or server_name(self.spec, seed, self.config.transport)
         self._handle = None
 
     def __getstate__(self) -> dict:
@@ -88,17 +102,20 @@ class RewardClient:
             self._handle = self._get_or_create()
         return self._handle
 
+    @property
+    def direct(self) -> bool:
+        """Whether images and gradients travel by Ray's direct tensor transport."""
+        return self.config.transport != "object_store"
+
     def _get_or_create(self):
         cfg = self.config
         opts = actor_options(cfg.resources, self.name, get_if_exists=True)
-        return _RemoteRewardServer.options(**opts).remote(
-            dataclasses.asdict(self.spec),
-            cfg.max_batch_size,
-            cfg.batch_wait_ms,
-            self.seed,
-            tracking_uri=_tracking_uri(self.spec),
-            forward_threads=cfg.forward_threads,
-        )
+        args = (dataclasses.asdict(self.spec), cfg.max_batch_size, cfg.batch_wait_ms, self.seed)
+        kwargs = {"tracking_uri": _tracking_uri(self.spec), "forward_threads": cfg.forward_threads}
+        if not self.direct:
+            return _RemoteRewardServer.options(**opts).remote(*args, **kwargs)
+        opts.setdefault("max_concurrency", _DIRECT_CONCURRENCY)
+        return _RemoteDirectServer.options(**opts).remote(*args, transport=cfg.transport, **kwargs)
 
     def start(self) -> RewardClient:
         """Create (or find) the server and wait until it has loaded its model."""
@@ -108,6 +125,11 @@ class RewardClient:
     def score(self, images: torch.Tensor, prompts: Sequence[str] | None) -> torch.Tensor:
         """Args: images ``(B, 3, H, W)`` float in [0, 1] (any device); prompts ``B`` strings.
         Returns: scores ``(B,)`` float32 on the images' device."""
+        if self.direct:
+            scores = self._call(
+                "score", _to_direct(images, self.config.transport), _prompts(prompts)
+            )
+            return scores.to(_device(images))
         scores = self._call("score", _to_wire(images), _prompts(prompts))
         return torch.tensor(scores, device=_device(images))
 
@@ -118,9 +140,14 @@ class RewardClient:
         d(images)`` with the images' dtype and device, ready for ``images.backward(-grad)``;
         ``w`` is ``weight``, or the spec's when None."""
         w = self.weight if weight is None else weight
-        scores, grad = self._call("score_and_grad", _to_wire(images), _prompts(prompts), w)
         dtype = images.dtype if isinstance(images, torch.Tensor) else None
         device = _device(images)
+        if self.direct:
+            scores, grad = self._call(
+                "score_and_grad", _to_direct(images, self.config.transport), _prompts(prompts), w
+            )
+            return scores.to(device), grad.to(device, dtype)
+        scores, grad = self._call("score_and_grad", _to_wire(images), _prompts(prompts), w)
         return torch.tensor(scores, device=device), torch.tensor(grad, dtype=dtype, device=device)
 
     def info(self) -> dict:
@@ -143,6 +170,9 @@ class RewardClient:
         recreated = False
         while True:
             try:
+                if self.direct and method in ("score", "score_and_grad"):
+                    channel = DirectChannel.to(self.handle, self.config.transport)
+                    return channel.call(method, *args, timeout=self.config.timeout_s)
                 ref = getattr(self.handle, method).remote(*args)
                 return ray.get(ref, timeout=self.config.timeout_s)
             except RayTaskError as e:
@@ -179,6 +209,20 @@ def _to_wire(images):
             t = t.float()
         return t.cpu().contiguous().numpy()
     return images  # the server says what is wrong with it
+
+
+def _to_direct(images, transport: str):
+    """Images as the direct transport sends them: Gloo CPU float tensors (bfloat16 as
+    float32), NCCL tensors on this process's GPU."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    if not (isinstance(images, torch.Tensor) and images.is_floating_point()):
+        return images  # the server says what is wrong with it
+    t = images.detach()
+    if transport == "gloo":
+        t = t.float() if t.dtype == torch.bfloat16 else t
+        return t.cpu().contiguous()
+    return t.cuda().contiguous()
 
 
 def _prompts(prompts):

@@ -11,6 +11,11 @@ depend on what it was batched with.
 The caller's side is :class:`actors.reward_client.RewardClient`. Every method is pure, so each
 is marked ``max_task_retries=-1``: Ray resends the calls lost to a restart. The server answers
 in the kind it was sent: numpy for numpy (the client's wire format), torch for torch.
+
+:class:`ServerCore` holds what does not depend on how requests arrive (the model, request
+checks, the merged forward, the counts); :class:`RewardServer` queues on an asyncio loop (the
+object-store transport), :class:`actors.direct_transport.DirectRewardServer` on threads (Ray's
+direct tensor transport refuses asyncio actors).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 import warnings
 from collections import deque
@@ -46,7 +52,7 @@ class _Request:
     images: torch.Tensor  # (b, 3, H, W) float, CPU
     prompts: list[str]
     weight: float
-    future: asyncio.Future
+    future: object  # asyncio.Future or concurrent.futures.Future, set by the queue
     arrived: float
 
     @property
@@ -58,8 +64,9 @@ class _Request:
         return len(self.prompts)
 
 
-class RewardServer:
-    """One reward model behind an asyncio Ray actor (``ray.remote(RewardServer)``).
+class ServerCore:
+    """One reward model, its request checks, merged forwards and counts; the queueing and the
+    Ray methods are the subclasses'.
 
     Args:
         spec: a reward spec (``{name, checkpoint, options}``), see :mod:`rewards.registry`.
@@ -92,21 +99,138 @@ class RewardServer:
         self.max_batch_size = int(max_batch_size)
         self.batch_wait_s = float(batch_wait_ms) / 1000
         self._pending: deque[_Request] = deque()
-        self._wakeup: asyncio.Event | None = None
-        self._runner: asyncio.Task | None = None
         cpus = _assigned_cpus()
         self.forward_threads = int(forward_threads) or (cpus if self.device.type == "cpu" else 1)
         # Set here, not left to OMP_NUM_THREADS: Ray keeps a value inherited from the driver's
         # environment, so a server on 0 CPUs would otherwise run the driver's thread count.
         torch.set_num_threads(max(1, cpus // self.forward_threads))
-        # Forwards run in these threads: the event loop stays free to queue new requests.
+        # Forwards run in these threads: the queue stays free to take new requests.
         self._executor = ThreadPoolExecutor(self.forward_threads, thread_name_prefix="forward")
-        self._slots: asyncio.Semaphore | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self._stats_lock = threading.Lock()  # counts change in the forward threads
         self.stats = {"batches": 0, "requests": 0, "images": 0, "errors": 0, "compute_s": 0.0}
         log.info("reward server %s on %s (pid %d)", self.spec.key, self.device, os.getpid())
 
-    # ------------------------------------------------------------------ public methods
+    def _info(self) -> dict:
+        """Name, device, pid, and counts: ``batches`` (forwards run), ``requests``,
+        ``images``, ``errors`` (requests refused or failed), ``compute_s`` (time spent in
+        forwards). The counts start at 0 in each process (a restart shows as a new pid)."""
+        return {
+            "name": self.spec.key,
+            "reward": getattr(self.model, "reward_name", self.spec.name),
+            "device": str(self.device),
+            "pid": os.getpid(),
+            "max_batch_size": self.max_batch_size,
+            "batch_wait_ms": self.batch_wait_s * 1000,
+            "forward_threads": self.forward_threads,
+            "torch_threads": torch.get_num_threads(),
+            "queued": len(self._pending),
+            **self.stats,
+        }
+
+    def _request(self, kind, images, prompts, weight) -> tuple[_Request, bool]:
+        try:
+            as_numpy = isinstance(images, np.ndarray)
+            images = _check_images(images)
+            if prompts is None and not getattr(self.model, "uses_prompts", True):
+                prompts = [""] * len(images)
+            if prompts is None:
+                raise ValueError(f"reward {self.spec.key!r} needs prompts")
+            prompts = _check_prompts(prompts, len(images))
+            if (
+                isinstance(weight, bool)
+                or not isinstance(weight, (int, float))
+                or not math.isfinite(weight)
+            ):
+                raise ValueError(f"weight={weight!r} must be a finite number")
+        except (ValueError, TypeError) as e:
+            with self._stats_lock:
+                self.stats["errors"] += 1
+            if isinstance(e, ValueError):
+                raise
+            raise ValueError(f"bad request to reward {self.spec.key!r}: {e}") from e
+        req = _Request(kind, images.detach(), prompts, float(weight), None, time.monotonic())
+        return req, as_numpy
+
+    def _batch_full(self) -> bool:
+        first = self._pending[0]
+        return sum(len(r) for r in self._pending if r.key == first.key) >= self.max_batch_size
+
+    def _take_batch(self) -> list[_Request]:
+        """The oldest request and the queued ones that can share its forward (up to
+        ``max_batch_size`` images), taken off the queue."""
+        first = self._pending[0]
+        batch, rest, n = [], deque(), 0
+        for r in self._pending:
+            if r.key == first.key and (not batch or n + len(r) <= self.max_batch_size):
+                batch.append(r)
+                n += len(r)
+            else:
+                rest.append(r)
+        self._pending = rest
+        return batch
+
+    # ------------------------------------------------------------------ compute
+
+    def _serve(self, batch: list[_Request]) -> list:
+        """Runs in a forward thread: each request's ``(scores, grad)``, or the exception that
+        request caused. A failed merged forward is run again one request at a time, so that
+        only the request at fault fails."""
+        t0 = time.perf_counter()
+        try:
+            results = self._compute(batch)
+        except Exception as e:
+            if len(batch) > 1:
+                return [res for r in batch for res in self._serve([r])]
+            log.warning("reward %s: request failed: %r", self.spec.key, e)
+            with self._stats_lock:
+                self.stats["errors"] += 1
+            results = [e]
+        n = sum(len(r) for r in batch)
+        with self._stats_lock:
+            self.stats["compute_s"] += time.perf_counter() - t0
+            self.stats["batches"] += math.ceil(n / self.max_batch_size)
+            self.stats["requests"] += len(batch)
+            self.stats["images"] += n
+        return results
+
+    def _compute(self, batch: list[_Request]) -> list[tuple]:
+        """One merged forward (chunked past max_batch_size), split back per request."""
+        grad = batch[0].kind == GRAD
+        x = batch[0].images if len(batch) == 1 else torch.cat([r.images for r in batch])
+        prompts = [p for r in batch for p in r.prompts]
+        w = torch.cat([torch.full((len(r),), r.weight) for r in batch]) if grad else None
+        scores, grads = [], []
+        for i in range(0, len(prompts), self.max_batch_size):
+            j = i + self.max_batch_size
+            s, g = self._forward(x[i:j], prompts[i:j], None if w is None else w[i:j])
+            scores.append(s)
+            grads.append(g)
+        sizes = [len(r) for r in batch]
+        scores = torch.cat(scores).split(sizes)
+        if not grad:
+            return [(s, None) for s in scores]
+        grads = torch.cat(grads).split(sizes)
+        return [(s, g.to(r.images.dtype)) for s, g, r in zip(scores, grads, batch)]
+
+    def _forward(self, x, prompts, weights) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # The request was checked on arrival: the model's score, not its checking forward.
+        w = 1.0 if weights is None else weights
+        x = x.to(self.device, torch.float32, non_blocking=True)
+        key = self.spec.key
+        s = score_and_grad({key: (w, self.model.score)}, x, prompts, grad=weights is not None)
+        return s.components[key].cpu(), None if s.grad is None else s.grad.cpu()
+
+
+class RewardServer(ServerCore):
+    """One reward model behind an asyncio Ray actor (``ray.remote(RewardServer)``): the
+    object-store transport. Args: see :class:`ServerCore`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._wakeup: asyncio.Event | None = None
+        self._runner: asyncio.Task | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._tasks: set[asyncio.Task] = set()
 
     @ray.method(max_task_retries=-1)
     async def score(self, images, prompts: Sequence[str] | None):
@@ -130,46 +254,10 @@ class RewardServer:
 
     @ray.method(max_task_retries=-1)
     async def info(self) -> dict:
-        """Name, device, pid, and counts: ``batches`` (forwards run), ``requests``,
-        ``images``, ``errors`` (requests refused or failed), ``compute_s`` (time spent in
-        forwards). The counts start at 0 in each process (a restart shows as a new pid)."""
-        return {
-            "name": self.spec.key,
-            "reward": getattr(self.model, "reward_name", self.spec.name),
-            "device": str(self.device),
-            "pid": os.getpid(),
-            "max_batch_size": self.max_batch_size,
-            "batch_wait_ms": self.batch_wait_s * 1000,
-            "forward_threads": self.forward_threads,
-            "torch_threads": torch.get_num_threads(),
-            "queued": len(self._pending),
-            **self.stats,
-        }
+        """See :meth:`ServerCore._info`."""
+        return self._info()
 
     # ------------------------------------------------------------------ queueing
-
-    def _request(self, kind, images, prompts, weight) -> tuple[_Request, bool]:
-        try:
-            as_numpy = isinstance(images, np.ndarray)
-            images = _check_images(images)
-            if prompts is None and not getattr(self.model, "uses_prompts", True):
-                prompts = [""] * len(images)
-            if prompts is None:
-                raise ValueError(f"reward {self.spec.key!r} needs prompts")
-            prompts = _check_prompts(prompts, len(images))
-            if (
-                isinstance(weight, bool)
-                or not isinstance(weight, (int, float))
-                or not math.isfinite(weight)
-            ):
-                raise ValueError(f"weight={weight!r} must be a finite number")
-        except (ValueError, TypeError) as e:
-            self.stats["errors"] += 1
-            if isinstance(e, ValueError):
-                raise
-            raise ValueError(f"bad request to reward {self.spec.key!r}: {e}") from e
-        req = _Request(kind, images.detach(), prompts, float(weight), None, time.monotonic())
-        return req, as_numpy
 
     async def _submit(self, req: _Request) -> tuple[torch.Tensor, torch.Tensor | None]:
         loop = asyncio.get_running_loop()
@@ -198,57 +286,12 @@ class RewardServer:
 
     async def _serve_batch(self, loop, batch: list[_Request]) -> None:
         try:
-            await self._serve(loop, batch)
+            results = await loop.run_in_executor(self._executor, self._serve, batch)
         except Exception as e:  # a bug here must not leave callers waiting forever
             log.exception("reward %s: serving a batch failed", self.spec.key)
-            for r in batch:
-                if not r.future.done():
-                    r.future.set_exception(e)
+            results = [e] * len(batch)
         finally:
             self._slots.release()
-
-    async def _gather(self) -> list[_Request]:
-        """The oldest request and the queued ones that can share its forward, after waiting
-        until ``batch_wait_ms`` past its arrival (or until the batch is full)."""
-        first = self._pending[0]
-        deadline = first.arrived + self.batch_wait_s
-        while sum(len(r) for r in self._pending if r.key == first.key) < self.max_batch_size:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), left)
-            except asyncio.TimeoutError:
-                break
-        batch, rest, n = [], deque(), 0
-        for r in self._pending:
-            if r.key == first.key and (not batch or n + len(r) <= self.max_batch_size):
-                batch.append(r)
-                n += len(r)
-            else:
-                rest.append(r)
-        self._pending = rest
-        return batch
-
-    async def _serve(self, loop, batch: list[_Request]) -> None:
-        t0 = time.perf_counter()
-        try:
-            results = await loop.run_in_executor(self._executor, self._compute, batch)
-        except Exception as e:
-            if len(batch) > 1:
-                # Run them one by one so that only the request at fault fails.
-                for r in batch:
-                    await self._serve(loop, [r])
-                return
-            log.warning("reward %s: request failed: %r", self.spec.key, e)
-            self.stats["errors"] += 1
-            results = [e]
-        n = sum(len(r) for r in batch)
-        self.stats["compute_s"] += time.perf_counter() - t0
-        self.stats["batches"] += math.ceil(n / self.max_batch_size)
-        self.stats["requests"] += len(batch)
-        self.stats["images"] += n
         for r, res in zip(batch, results):
             if r.future.done():  # the caller was cancelled
                 continue
@@ -257,35 +300,20 @@ class RewardServer:
             else:
                 r.future.set_result(res)
 
-    # ------------------------------------------------------------------ compute
-
-    def _compute(self, batch: list[_Request]) -> list[tuple]:
-        """Runs in the forward thread: one merged forward (chunked past max_batch_size),
-        split back per request."""
-        grad = batch[0].kind == GRAD
-        x = batch[0].images if len(batch) == 1 else torch.cat([r.images for r in batch])
-        prompts = [p for r in batch for p in r.prompts]
-        w = torch.cat([torch.full((len(r),), r.weight) for r in batch]) if grad else None
-        scores, grads = [], []
-        for i in range(0, len(prompts), self.max_batch_size):
-            j = i + self.max_batch_size
-            s, g = self._forward(x[i:j], prompts[i:j], None if w is None else w[i:j])
-            scores.append(s)
-            grads.append(g)
-        sizes = [len(r) for r in batch]
-        scores = torch.cat(scores).split(sizes)
-        if not grad:
-            return [(s, None) for s in scores]
-        grads = torch.cat(grads).split(sizes)
-        return [(s, g.to(r.images.dtype)) for s, g, r in zip(scores, grads, batch)]
-
-    def _forward(self, x, prompts, weights) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # The request was checked on arrival: the model's score, not its checking forward.
-        w = 1.0 if weights is None else weights
-        x = x.to(self.device, torch.float32, non_blocking=True)
-        key = self.spec.key
-        s = score_and_grad({key: (w, self.model.score)}, x, prompts, grad=weights is not None)
-        return s.components[key].cpu(), None if s.grad is None else s.grad.cpu()
+    async def _gather(self) -> list[_Request]:
+        """The oldest request and the queued ones that can share its forward, after waiting
+        until ``batch_wait_ms`` past its arrival (or until the batch is full)."""
+        deadline = self._pending[0].arrived + self.batch_wait_s
+        while not self._batch_full():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), left)
+            except asyncio.TimeoutError:
+                break
+        return self._take_batch()
 
 
 def _check_images(images) -> torch.Tensor:

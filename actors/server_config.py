@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from actors.options import ActorResources
 
+TRANSPORTS = ("object_store", "gloo", "nccl")
+
 
 @dataclass
 class ServerConfig:
@@ -22,6 +24,11 @@ class ServerConfig:
         gets ``max(1, floor(num_cpus) // forward_threads)`` torch threads, so a server on
         ``num_cpus: 0`` (or a fraction) computes on one thread and never competes with the
         generator for more than one core.
+    transport: how images and gradients travel. ``object_store`` (default): Ray's object
+        store, from any caller. ``gloo`` / ``nccl``: Ray's direct tensor transport between
+        actors (CPU / GPU tensors), see :mod:`actors.direct_transport`; the caller must be an
+        actor of a class declared ``@ray.remote(enable_tensor_transport=True)``, else its
+        first call fails saying so.
     """
 
     resources: ActorResources = field(default_factory=ActorResources)
@@ -29,6 +36,7 @@ class ServerConfig:
     batch_wait_ms: float = 0.0
     timeout_s: float | None = None
     forward_threads: int = 0
+    transport: str = "object_store"
 
     def validate(self, path: str = "reward_server") -> None:
         self.resources.validate(f"{path}.resources")
@@ -42,4 +50,8 @@ class ServerConfig:
             raise ValueError(
                 f"{path}.forward_threads={self.forward_threads!r} must be an integer >= 0 "
                 "(0: automatic)"
+            )
+        if self.transport not in TRANSPORTS:
+            raise ValueError(
+                f"{path}.transport={self.transport!r} must be one of {', '.join(TRANSPORTS)}"
             )

@@ -1,18 +1,21 @@
-"""RewardServer throughput against calling the same reward in-process.
+"""RewardServer throughput against calling the same reward in-process, per transport.
 
-Both sides score the same tiny reward (same seed, so the same weights) on the same images, in
+Every side scores the same tiny reward (same seed, so the same weights) on the same images, in
 one run, through the DRaFT-K path: scores and ``d(weight * sum(scores)) / d(images)``.
 
-- ``inproc``: ``callers`` threads in this process each call the colocated reward handle
+- ``inproc``: ``callers`` threads each call the colocated reward handle
   (:class:`rewards.handles.LocalReward`, what a generator worker runs for ``placement:
   colocated``);
-- ``server``: ``callers`` threads each call :meth:`RewardClient.score_and_grad` on one
-  RewardServer actor, which batches what arrives together.
+- ``object_store`` / ``gloo``: ``callers`` threads each call
+  :meth:`RewardClient.score_and_grad` on one server of that ``reward_server.transport``, which
+  batches what arrives together.
 
-Each cell is ``callers x calls`` requests of ``batch`` images; throughput is images/s over
-the cell's wall time. Repeats alternate the two sides; the ratio (server / in-process) is
-taken per repeat pair, then min/median/max. The server gets as many CPUs as this process
-uses torch threads, so both sides have the same cores.
+All sides run inside one caller actor (declared with ``enable_tensor_transport=True``, as the
+direct transport needs; see :mod:`actors.direct_transport`) on the same torch threads. Each
+cell is ``callers x calls`` requests of ``batch`` images of ``size`` px; throughput is images/s
+over the cell's wall time. Repeats alternate the sides; each server's ratio to in-process is
+taken per repeat, then min/median/max. Each server gets as many CPUs as the caller uses torch
+threads, so every side has the same cores (only one side runs at a time).
 
     python -m bench.reward_server [--short] [--out FILE.json]
 """
@@ -23,7 +26,6 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import sys
 import threading
 import time
@@ -37,22 +39,6 @@ def _images(batch: int, size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, 3, size, size, generator=g)
     return x, [f"a photo of object {seed}-{i}" for i in range(batch)]
-
-
-def _proc(pid: int):
-    try:
-        import psutil
-
-        return psutil.Process(pid)
-    except Exception:  # psutil missing: CPU columns read 0
-        return None
-
-
-def _cpu(proc) -> float:
-    if proc is None:
-        return 0.0
-    t = proc.cpu_times()
-    return t.user + t.system
 
 
 def _run_threads(fn, inputs: list, calls: int) -> float:
@@ -81,160 +67,185 @@ def _run_threads(fn, inputs: list, calls: int) -> float:
     return wall
 
 
+class BenchCaller:
+    """The calling side of every cell (a Ray actor): the reward in-process, and the clients."""
+
+    def __init__(self, spec: dict, seed: int, cpus: int):
+        from rewards.handles import build_handles
+        from rewards.registry import RewardSpec
+
+        torch.set_num_threads(cpus)
+        # Built as a worker builds a colocated reward: same seed, so the servers' weights.
+        self.local = build_handles([RewardSpec.from_dict(spec)], {}, "cpu", seed=seed)[0]
+
+    def check(self, clients: dict, size: int) -> None:
+        """Same answers on every side, or the comparison means nothing."""
+        x, p = _images(4, size, 0)
+        s_ref, g_ref = self.local.score_and_grad(x, p, 1.0)
+        for client in clients.values():
+            s, g = client.score_and_grad(x, p, 1.0)
+            torch.testing.assert_close(s, s_ref, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
+
+    def cell(self, clients: dict, size: int, batch: int, callers: int, calls: int, repeats: int):
+        """Images/s per side and repeat: ``{"inproc": [...], transport: [...]}``."""
+        inputs = [_images(batch, size, 100 + c) for c in range(callers)]
+        sides = {"inproc": self.local, **clients}
+        n_images = callers * calls * batch
+        for h in sides.values():  # warm-up: one call per caller
+            _run_threads(lambda x, p, h=h: h.score_and_grad(x, p, 1.0), inputs, 1)
+        out = {name: [] for name in sides}
+        for _ in range(repeats):
+            for name, h in sides.items():
+                wall = _run_threads(lambda x, p, h=h: h.score_and_grad(x, p, 1.0), inputs, calls)
+                out[name].append(n_images / wall)
+        return out
+
+
 def run(args) -> dict:
     import ray
 
     from actors.options import ActorResources
     from actors.reward_client import RewardClient
     from actors.server_config import ServerConfig
-    from rewards.handles import build_handles
-    from rewards.registry import RewardSpec
 
     cpus = args.cpus or os.cpu_count() or 1
-    torch.set_num_threads(cpus)
     spec = {"name": args.reward, "options": {"backbone": "tiny"}}
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
         # address="local": a fresh Ray for this run, never a cluster already up on the machine.
+        # Logical CPUs for the caller and each server: only one side computes at a time.
         ray.init(
             address="local",
-            num_cpus=cpus,
+            num_cpus=cpus * (1 + len(args.transports)),
             include_dashboard=False,
             configure_logging=False,
             log_to_driver=False,
         )
-    cfg = ServerConfig(
-        resources=ActorResources(num_cpus=cpus),
-        max_batch_size=args.max_batch_size,
-        batch_wait_ms=args.batch_wait_ms,
-        forward_threads=args.forward_threads,
-    )
-    t0 = time.perf_counter()
-    client = RewardClient(spec, cfg, seed=args.seed).start()
+    clients, t0 = {}, time.perf_counter()
+    for transport in args.transports:
+        cfg = ServerConfig(
+            resources=ActorResources(num_cpus=cpus),
+            max_batch_size=args.max_batch_size,
+            batch_wait_ms=args.batch_wait_ms,
+            forward_threads=args.forward_threads,
+            transport=transport,
+        )
+        clients[transport] = RewardClient(spec, cfg, seed=args.seed).start()
     startup_s = time.perf_counter() - t0
-    # Built as a worker builds a colocated reward: same seed, so the server's weights.
-    local = build_handles([RewardSpec.from_dict(spec)], {}, "cpu", seed=args.seed)[0]
-    here, server_proc = _proc(os.getpid()), _proc(client.info()["pid"])
-
-    # Same answers on both sides, or the comparison means nothing.
-    x, p = _images(4, args.image_size, 0)
-    s_srv, g_srv = client.score_and_grad(x, p, 1.0)
-    s_loc, g_loc = local.score_and_grad(x, p, 1.0)
-    torch.testing.assert_close(s_srv, s_loc, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(g_srv, g_loc, rtol=1e-4, atol=1e-6)
+    caller_cls = ray.remote(enable_tensor_transport=True)(BenchCaller)
+    caller = caller_cls.options(num_cpus=cpus).remote(spec, args.seed, cpus)
 
     rows = []
-    for callers in args.callers:
-        for batch in args.batches:
-            inputs = [_images(batch, args.image_size, 100 + c) for c in range(callers)]
-            calls = max(args.min_calls, -(-args.images // (batch * callers)))
-            n_images = callers * calls * batch
-            # Warm-up: one call per caller on each side.
-            _run_threads(lambda x, p: local.score_and_grad(x, p, 1.0), inputs, 1)
-            _run_threads(lambda x, p: client.score_and_grad(x, p, 1.0), inputs, 1)
-            inproc, server, ratio, busy, cpu_in, cpu_srv = [], [], [], [], [], []
-            before = client.info()
-            for _ in range(args.repeats):
-                h0 = _cpu(here)
-                wi = _run_threads(lambda x, p: local.score_and_grad(x, p, 1.0), inputs, calls)
-                cpu_in.append((_cpu(here) - h0) / n_images * 1000)
-                c0 = client.info()["compute_s"]
-                h0, s0 = _cpu(here), _cpu(server_proc)
-                ws = _run_threads(lambda x, p: client.score_and_grad(x, p, 1.0), inputs, calls)
-                h1, s1 = _cpu(here), _cpu(server_proc)
-                cpu_srv.append((h1 - h0 + s1 - s0) / n_images * 1000)
-                busy.append((client.info()["compute_s"] - c0) / ws)
-                inproc.append(n_images / wi)
-                server.append(n_images / ws)
-                ratio.append(server[-1] / inproc[-1])
-            after = client.info()
-            reqs = after["requests"] - before["requests"]
-            row = {
-                "batch": batch,
-                "callers": callers,
-                "calls_per_caller": calls,
-                "images_per_repeat": n_images,
-                "inproc_images_per_s": stats(inproc),
-                "server_images_per_s": stats(server),
-                "ratio": stats(ratio),
-                "server_busy_fraction": statistics.median(busy),
-                # CPU ms per image: this process (in-process), this process + the server.
-                "inproc_cpu_ms_per_image": statistics.median(cpu_in),
-                "server_path_cpu_ms_per_image": statistics.median(cpu_srv),
-                "server_requests_per_forward": reqs / max(1, after["batches"] - before["batches"]),
-            }
-            rows.append(row)
-            print(_row_line(row), flush=True)
-    server_info = client.info()
-    client.shutdown()
+    for size in args.image_sizes:
+        ray.get(caller.check.remote(clients, size))
+        # Fewer images per repeat at large sizes: a 1024 px image is 256x a 64 px one.
+        images = max(1, args.images * 64 // size)
+        repeats = args.repeats if size <= 256 else max(1, args.repeats // 2)
+        for callers in args.callers:
+            for batch in args.batches:
+                calls = max(args.min_calls, -(-images // (batch * callers)))
+                before = {t: c.info() for t, c in clients.items()}
+                per_side = ray.get(
+                    caller.cell.remote(clients, size, batch, callers, calls, repeats)
+                )
+                row = {
+                    "size": size,
+                    "batch": batch,
+                    "callers": callers,
+                    "calls_per_caller": calls,
+                    "images_per_repeat": callers * calls * batch,
+                    "repeats": repeats,
+                    "images_per_s": {k: stats(v) for k, v in per_side.items()},
+                    "ratio": {
+                        t: stats([s / i for s, i in zip(per_side[t], per_side["inproc"])])
+                        for t in clients
+                    },
+                    "requests_per_forward": {},
+                }
+                for t, c in clients.items():
+                    after = c.info()
+                    reqs = after["requests"] - before[t]["requests"]
+                    forwards = max(1, after["batches"] - before[t]["batches"])
+                    row["requests_per_forward"][t] = reqs / forwards
+                rows.append(row)
+                print(_row_line(row, list(clients)), flush=True)
+    infos = {t: c.info() for t, c in clients.items()}
+    ray.kill(caller)
+    for c in clients.values():
+        c.shutdown()
     return {
         "bench": "reward_server",
         "path": "score_and_grad",
         "reward": spec,
         "seed": args.seed,
-        "image_size": args.image_size,
+        "transports": list(clients),
         "cpus": cpus,
-        "torch_threads": torch.get_num_threads(),
         "server": {
-            "max_batch_size": cfg.max_batch_size,
-            "batch_wait_ms": cfg.batch_wait_ms,
-            "forward_threads": server_info["forward_threads"],
-            "torch_threads": server_info["torch_threads"],
+            "max_batch_size": args.max_batch_size,
+            "batch_wait_ms": args.batch_wait_ms,
+            "forward_threads": {t: i["forward_threads"] for t, i in infos.items()},
+            "torch_threads": {t: i["torch_threads"] for t, i in infos.items()},
             "num_cpus": cpus,
         },
-        "repeats": args.repeats,
-        "server_startup_s": startup_s,
+        "servers_startup_s": startup_s,
         "rows": rows,
+        "load_average": os.getloadavg(),
         "torch": torch.__version__,
         "ray": ray.__version__,
         "python": sys.version.split()[0],
     }
 
 
-def _row_line(r: dict) -> str:
-    i, s, q = r["inproc_images_per_s"], r["server_images_per_s"], r["ratio"]
-    return (
-        f"| {r['batch']} | {r['callers']} | {i['median']:.0f} ({i['min']:.0f}-{i['max']:.0f}) "
-        f"| {s['median']:.0f} ({s['min']:.0f}-{s['max']:.0f}) "
-        f"| {q['median']:.2f} ({q['min']:.2f}-{q['max']:.2f}) "
-        f"| {r['server_requests_per_forward']:.2f} | {r['server_busy_fraction']:.2f} "
-        f"| {r['inproc_cpu_ms_per_image']:.2f} / {r['server_path_cpu_ms_per_image']:.2f} |"
-    )
+def _fmt(s: dict, digits: int = 0) -> str:
+    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
 
 
-TABLE_HEADER = (
-    "| batch | callers | in-process img/s median (min-max) | server img/s median (min-max) "
-    "| ratio server/in-process median (min-max) | requests per forward | server busy "
-    "| CPU ms/img in-process / server path |\n"
-    "| --- | --- | --- | --- | --- | --- | --- | --- |"
-)
+def _row_line(r: dict, transports: list[str]) -> str:
+    cells = [str(r["size"]), str(r["batch"]), str(r["callers"])]
+    cells.append(_fmt(r["images_per_s"]["inproc"]))
+    for t in transports:
+        cells.append(_fmt(r["images_per_s"][t]))
+        cells.append(_fmt(r["ratio"][t], 2))
+    return "| " + " | ".join(cells) + " |"
+
+
+def table_header(transports: list[str]) -> str:
+    head = ["px", "batch", "callers", "in-process img/s"]
+    for t in transports:
+        head += [f"{t} img/s", f"{t} / in-process"]
+    return "| " + " | ".join(head) + " |\n" + "|" + " --- |" * len(head)
 
 
 def main(argv=None) -> int:
+    ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--short", action="store_true", help="a quick run that checks it works")
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--reward", default="ict", help="a built-in reward, tiny backbone")
-    ap.add_argument("--batches", type=lambda s: [int(v) for v in s.split(",")])
-    ap.add_argument("--callers", type=lambda s: [int(v) for v in s.split(",")])
-    ap.add_argument("--repeats", type=int)
-    ap.add_argument("--images", type=int, help="images per caller-cell and repeat (at least)")
+    ap.add_argument("--transports", type=lambda s: s.split(","), default=None)
+    ap.add_argument("--batches", type=ints)
+    ap.add_argument("--image-sizes", type=ints)
+    ap.add_argument("--callers", type=ints)
+    ap.add_argument("--repeats", type=int, help="repeats per cell (halved above 256 px)")
+    ap.add_argument("--images", type=int, help="images per cell and repeat at 64 px (at least)")
     ap.add_argument("--min-calls", type=int, default=2)
-    ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--max-batch-size", type=int, default=256)
     ap.add_argument("--batch-wait-ms", type=float, default=0.0)
     ap.add_argument("--forward-threads", type=int, default=0, help="0: the server's default")
-    ap.add_argument("--cpus", type=int, help="torch threads here and the server's num_cpus")
+    ap.add_argument("--cpus", type=int, help="torch threads of the caller, num_cpus per server")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    args.transports = args.transports or ["object_store", "gloo"]
     args.batches = args.batches or ([16] if args.short else [1, 4, 16, 64])
-    args.callers = args.callers or ([1, 4] if args.short else [1, 4])
-    args.repeats = args.repeats or (2 if args.short else 5)
+    args.image_sizes = args.image_sizes or ([64] if args.short else [64, 256, 1024])
+    args.callers = args.callers or [1]
+    args.repeats = args.repeats or (2 if args.short else 4)
     args.images = args.images or (32 if args.short else 128)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger().setLevel(logging.ERROR)  # open_clip's "randomly initialised" notes
 
-    print(TABLE_HEADER, flush=True)
+    print(table_header(args.transports), flush=True)
     out = run(args)
     out["command"] = "python -m bench.reward_server " + " ".join(argv or sys.argv[1:])
     if args.out:
