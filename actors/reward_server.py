@@ -31,58 +31,21 @@ import warnings
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import ray
 import torch
 from ray.exceptions import RayActorError, RayTaskError
 
-from actors.options import ActorResources, actor_options
+from actors.options import actor_options
 from rewards.base import _RANGE_TOL, check_images
 from rewards.registry import RewardSpec, build_reward
+from rlhf.run_config import ServerConfig
 
 log = logging.getLogger(__name__)
 
 SCORE, GRAD = "score", "grad"
-
-
-@dataclass
-class ServerConfig:
-    """How reward servers are placed, batch and are called.
-
-    max_batch_size: images per forward; a larger request runs in chunks of this size.
-    batch_wait_ms: how long the oldest queued request waits for others to join its batch.
-        0 (default) batches only what queued up while the previous forward ran: no added
-        latency for a lone caller, and concurrent callers still share forwards.
-    timeout_s: per call, None waits as long as it takes (a restarting server included).
-    forward_threads: batches computed at the same time. 0 picks: 1 on a GPU, else the
-        server's whole CPUs (a tiny model's forward keeps few cores busy on its own; two
-        batches side by side do). The server's CPUs are split between them: each forward
-        gets ``max(1, floor(num_cpus) // forward_threads)`` torch threads, so a server on
-        ``num_cpus: 0`` (or a fraction) computes on one thread and never competes with the
-        generator for more than one core.
-    """
-
-    resources: ActorResources = field(default_factory=ActorResources)
-    max_batch_size: int = 64
-    batch_wait_ms: float = 0.0
-    timeout_s: float | None = None
-    forward_threads: int = 0
-
-    def validate(self, path: str = "reward_server") -> None:
-        self.resources.validate(f"{path}.resources")
-        if self.max_batch_size < 1:
-            raise ValueError(f"{path}.max_batch_size={self.max_batch_size} must be >= 1")
-        if not 0 <= self.batch_wait_ms <= 10_000:
-            raise ValueError(f"{path}.batch_wait_ms={self.batch_wait_ms} must be in [0, 10000]")
-        if self.timeout_s is not None and self.timeout_s <= 0:
-            raise ValueError(f"{path}.timeout_s={self.timeout_s} must be > 0 or null")
-        if not isinstance(self.forward_threads, int) or self.forward_threads < 0:
-            raise ValueError(
-                f"{path}.forward_threads={self.forward_threads!r} must be an integer >= 0 "
-                "(0: automatic)"
-            )
 
 
 @dataclass

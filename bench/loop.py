@@ -36,8 +36,8 @@ SIDES = ("1w_colocated", "1w_server", "2w_colocated")
 
 
 def _cfg(root: Path, side: str, steps: int, batch: int):
-    from actors.run_config import RunConfig
     from rlhf.config import load_config
+    from rlhf.run_config import RunConfig
 
     workers = 2 if side.startswith("2w") else 1
     placement = "server" if side.endswith("server") else "colocated"

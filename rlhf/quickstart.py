@@ -207,8 +207,8 @@ def run_quickstart(out: Path, fast: bool = False) -> dict:
 def run_finetune(out: Path, ict_uri: str, hp_uri: str, fast: bool) -> dict:
     """``configs/world.yaml`` with the freshly trained rewards swapped in."""
     from actors.coordinator import Coordinator
-    from actors.run_config import RunConfig
     from rlhf.config import load_config
+    from rlhf.run_config import RunConfig
 
     overrides = [
         f"output_dir={out / 'runs'}",

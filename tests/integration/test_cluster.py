@@ -129,7 +129,7 @@ def test_two_node_cluster_places_one_worker_per_node(tmp_path):
         import ray
         from ray.cluster_utils import Cluster
         from actors.coordinator import Coordinator
-        from actors.run_config import RunConfig
+        from rlhf.run_config import RunConfig
         from rlhf.config import load_config
 
         cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})

@@ -12,9 +12,9 @@ from mlflow import MlflowClient
 from actors.coordinator import Coordinator, RunStopped, checkpoint_folders, verify_checkpoint
 from actors.generator_worker import GeneratorWorker
 from actors.reward_server import RewardClient
-from actors.run_config import RunConfig
 from rewards.registry import RewardSpec, build_reward
 from rlhf.config import load_config
+from rlhf.run_config import RunConfig
 from tests.integration.conftest import ROOT
 
 pytestmark = pytest.mark.integration

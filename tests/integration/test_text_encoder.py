@@ -9,12 +9,12 @@ import torch
 
 from actors.generator_worker import WorkerGroup
 from actors.options import ActorResources
-from actors.run_config import RunConfig
 from actors.text_encoder import TextEncoderClient, start_text_encoder
 from rewards.registry import build_reward
 from rlhf.config import load_config
 from rlhf.draft import DraftConfig, rollout_images, score_and_grad, surrogate_loss
 from rlhf.generator import FinetuneConfig, GeneratorConfig, load_generator
+from rlhf.run_config import RunConfig
 from rlhf.sampler import SamplerConfig
 from tests.integration.test_finetune import QUICKSTART, SMALL
 

@@ -8,17 +8,14 @@ from mlflow import MlflowClient
 
 from rewards.registry import build_reward
 from rewards.training import (
-    CheckpointConfig,
     DataConfig,
     LabelConfig,
-    MlflowConfig,
     Objective,
     OptimConfig,
-    RewardTrainConfig,
-    ScalingConfig,
     build_model,
     make_dataset,
 )
+from rlhf.run_config import CheckpointConfig, MlflowConfig, RewardScalingConfig, RewardTrainConfig
 from rlhf.train_reward import run_job
 from tests.integration.conftest import free_port
 
@@ -39,7 +36,7 @@ def _cfg(tmp_path, kind="ict", name=None, **kw):
         ),
         labels=LabelConfig(source="rule"),
         optim=OptimConfig(lr=1e-3, batch_size=kw.pop("batch_size", 16), epochs=1),
-        scaling=ScalingConfig(
+        scaling=RewardScalingConfig(
             num_workers=kw.pop("num_workers", 2), strategy=kw.pop("strategy", "ddp")
         ),
         checkpoint=CheckpointConfig(keep=2, storage_path=str(tmp_path / "runs")),

@@ -25,9 +25,9 @@ GPU_GIB = {"p4d.24xlarge": 40, "p4de.24xlarge": 80, "p5.48xlarge": 80}
 
 
 def test_generator_gpus_fit_the_sd35_config_and_output_dir_is_mounted_everywhere():
-    from actors.run_config import RunConfig
     from bench.memory_model import table
     from rlhf.config import load_config
+    from rlhf.run_config import RunConfig
 
     config = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
     gen = config["available_node_types"]["gpu_generator"]

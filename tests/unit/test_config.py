@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from rewards.training import RewardTrainConfig
 from rlhf.cli import main
 from rlhf.config import ConfigError, flatten, load_config, parse_overrides
+from rlhf.run_config import RewardTrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

@@ -5,10 +5,10 @@ per-prompt cache that gives the pipeline's own embeddings, and their config erro
 import pytest
 import torch
 
-from actors.run_config import RunConfig
 from rlhf.config import ConfigError, load_config
 from rlhf.generator import GeneratorConfig, load_generator
 from rlhf.prompt_encoder import PromptEncoder, load_text_encoders
+from rlhf.run_config import RunConfig
 from tests.unit.test_run_config import QUICKSTART
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

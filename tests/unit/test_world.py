@@ -153,8 +153,8 @@ def test_shipped_clip_and_judge_read_renders():
 
 
 def test_geneval_mini_is_refused_as_a_training_reward():
-    from actors.run_config import RunConfig
     from rlhf.config import load_config
+    from rlhf.run_config import RunConfig
 
     world_yaml = world.ASSETS.parents[2] / "configs" / "world.yaml"
     with pytest.raises(ValueError, match=r"rewards\[0\]\.name=geneval_mini is an evaluator"):
