@@ -98,11 +98,11 @@ def test_worker_group_steps_with_the_text_encoder_actor(ray_local, tmp_path):
             [
                 *SMALL,
                 f"output_dir={tmp_path / mode}",
-                "workers.num_workers=1",
+                "scaling.num_workers=1",
                 "rewards=[{name: hp, weight: 1.0, placement: colocated, options: {backbone: tiny}}]",
                 "eval_rewards=[]",
                 f"policy.generator.text_encoders={mode}",
-                "workers.text_encoder.num_cpus=0",
+                "text_encoder.resources.num_cpus=0",
             ],
         )
         group = WorkerGroup(cfg, {}).start()

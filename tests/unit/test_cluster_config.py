@@ -34,7 +34,7 @@ def test_generator_gpus_fit_the_sd35_config_and_output_dir_is_mounted_everywhere
     gpu_gib = GPU_GIB[gen["node_config"]["InstanceType"]]
     run = load_config(RunConfig, ROOT / "configs" / "sd35_large_turbo_ict_hp.yaml")
     p = run.policy
-    _, rows = table(batches=(run.workers.batch_size,), ks=(p.draft.k,), px=p.sampler.height)
+    _, rows = table(batches=(run.train.batch_size,), ks=(p.draft.k,), px=p.sampler.height)
     (row,) = [
         r
         for r in rows

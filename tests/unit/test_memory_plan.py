@@ -95,7 +95,7 @@ def test_generator_without_text_encoders_says_what_is_missing():
     [
         ("policy.generator.text_encoders=remote", "policy.generator.text_encoders"),
         ("policy.generator.vae_gradient_checkpointing=maybe", "vae_gradient_checkpointing"),
-        ("workers.text_encoder.num_gpus=-1", "workers.text_encoder.num_gpus"),
+        ("text_encoder.resources.num_gpus=-1", "text_encoder.resources.num_gpus"),
     ],
 )
 def test_bad_memory_switches_name_the_key(override, key):

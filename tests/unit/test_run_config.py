@@ -9,6 +9,7 @@ from rlhf.cli import main
 from rlhf.config import ConfigError, load_config
 from rlhf.prompts import read_prompts, step_batch
 from rlhf.run_config import RewardTrainConfig, RunConfig
+from tests.unit.test_cli import restore_console  # noqa: F401 (a fixture)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 QUICKSTART = CONFIGS / "quickstart.yaml"
@@ -87,6 +88,7 @@ def test_a_renamed_key_names_its_new_place(cls, path, override, new):
     assert override.startswith(str(e.value).split(": renamed")[0])  # names the old key
 
 
+@pytest.mark.usefixtures("restore_console")
 def test_cli_refuses_an_old_key_with_exit_2_before_ray(capsys, monkeypatch):
     import ray
 
@@ -162,6 +164,7 @@ def test_negative_weights_only_when_allowed():
     assert cfg.reward_specs()[0].weight == -1
 
 
+@pytest.mark.usefixtures("restore_console")
 def test_cli_finetune_bad_input_exits_2_before_ray(tmp_path, capsys, monkeypatch):
     import ray
 
