@@ -84,7 +84,7 @@ def run_cell(k: int, checkpointing: bool, size: int, repeats: int, threads: int)
     for step in range(repeats + 1):
         seeds = [2 * step, 2 * step + 1]
         t0 = time.perf_counter()
-        draft_step(engine, gen, reward, prompts, seeds, sampler, draft, step)
+        draft_step(engine, gen, {"reward": (1.0, reward)}, prompts, seeds, sampler, draft, step)
         if step:  # step 0 is the warm-up
             times.append(time.perf_counter() - t0)
     return {
