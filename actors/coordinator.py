@@ -5,7 +5,7 @@ owns every actor of the run, so a dead driver takes its actors with it. Per step
 each worker its share of the step's prompts and seeds (the data position *is* the step, see
 :mod:`rlhf.prompts`), averages the workers' metrics and logs them to MLflow. Every
 ``eval_every`` steps it samples fixed held-out prompts and seeds and scores them with every
-configured reward (image grids and reward-hacking statistics too); every ``checkpoint_every``
+configured reward (image grids and reward-hacking statistics too); every ``checkpoint.every``
 steps it writes a resume bundle plus the policy export and registers the export as an
 MLflow model version (aliases ``best``, by held-out reward, and ``last``).
 
@@ -32,11 +32,11 @@ from tqdm import tqdm
 
 from actors.generator_worker import WorkerGroup, WorkerGroupError
 from actors.reward_client import RewardClient
-from actors.run_config import RunConfig
 from rewards.checkpoints import file_sha256
 from rewards.errors import UserError
 from rlhf import tracking
 from rlhf.config import ConfigError, bind, flatten
+from rlhf.run_config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ class Coordinator:
         t = time.perf_counter()
         self.group = WorkerGroup(self.cfg, self.clients).start()
         _say(
-            f"{self.cfg.workers.num_workers} generator worker(s) ready ({time.perf_counter() - t:.1f}s)"
+            f"{self.cfg.scaling.num_workers} generator worker(s) ready ({time.perf_counter() - t:.1f}s)"
         )
         for folder in checkpoint_folders(self.run_dir):
             try:
@@ -292,7 +292,7 @@ class Coordinator:
 
         p = self.cfg.prompts
         prompts = read_prompts(p.eval, p.column, p.synthetic_eval, seed=p.eval_seed)
-        n = self.cfg.workers.num_workers
+        n = self.cfg.scaling.num_workers
         padded = prompts + prompts[: (-len(prompts)) % n]
         return padded, [p.eval_seed + i for i in range(len(padded))]
 
@@ -349,7 +349,7 @@ class Coordinator:
             json.dumps(self.cfg.to_dict()["policy"], indent=1)
         )
         write_manifest(folder, step)
-        for old in checkpoint_folders(self.run_dir)[self.cfg.train.keep_checkpoints :]:
+        for old in checkpoint_folders(self.run_dir)[self.cfg.checkpoint.keep :]:
             shutil.rmtree(old, ignore_errors=True)
         if self.cfg.mlflow.register_as and step > self.last_logged:
             aliases = ("last", "best") if is_best else ("last",)
@@ -436,7 +436,7 @@ class Coordinator:
                 ev = None
                 if step % cfg.train.eval_every == 0 or final:
                     ev = self.evaluate(step)
-                if step % cfg.train.checkpoint_every == 0 or final:
+                if step % cfg.checkpoint.every == 0 or final:
                     try:
                         self.checkpoint(step, ev["eval/reward"] if ev else None)
                     except WorkerGroupError as e:
@@ -444,7 +444,7 @@ class Coordinator:
                         continue
                 if ev is not None and self._early_stop(step):
                     stop_reason = "early_stop"
-                    if step % cfg.train.checkpoint_every and not final:
+                    if step % cfg.checkpoint.every and not final:
                         self.checkpoint(step, ev["eval/reward"])
                     break
             self._flush_logs()
@@ -526,10 +526,10 @@ class Coordinator:
 
     def _rebuild(self, err: Exception) -> int:
         self.rebuilds += 1
-        if self.rebuilds > self.cfg.workers.max_rebuilds:
+        if 0 <= self.cfg.scaling.max_failures < self.rebuilds:
             raise RuntimeError(
-                f"generator group failed {self.rebuilds} times (workers.max_rebuilds="
-                f"{self.cfg.workers.max_rebuilds}): {err}"
+                f"generator group failed {self.rebuilds} times (scaling.max_failures="
+                f"{self.cfg.scaling.max_failures}): {err}"
             ) from err
         _say(f"generator group failed ({err}); rebuilding from the last checkpoint")
         self.group.kill()

@@ -27,9 +27,9 @@ import torch
 
 from actors.options import actor_options
 from actors.reward_client import RewardClient
-from actors.run_config import RunConfig
 from actors.text_encoder import TextEncoderClient, start_text_encoder
 from rlhf.config import bind
+from rlhf.run_config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class GeneratorWorker:
             LOCAL_RANK="0",
             LOCAL_WORLD_SIZE="1",
         )
-        torch.set_num_threads(max(1, int(cfg.workers.resources.num_cpus)))
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
         on_gpu = torch.cuda.is_available() and bool(ray.get_gpu_ids())
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
         device = "cuda" if on_gpu else "cpu"
@@ -104,7 +104,7 @@ class GeneratorWorker:
         if text_encoder is not None:
             self.gen.prompt_encoder = TextEncoderClient(text_encoder)
         self.engine = build_engine(
-            self.gen.transformer, policy.engine, cfg.workers.batch_size, policy.finetune.mode
+            self.gen.transformer, policy.engine, cfg.train.batch_size, policy.finetune.mode
         )
         self.eval_only = {spec.key for spec in cfg.eval_reward_specs()}  # not in training
         specs = cfg.reward_specs() + cfg.eval_reward_specs()
@@ -211,13 +211,13 @@ class WorkerGroup:
         self.text_encoder = None
 
     def start(self) -> WorkerGroup:
-        n = self.cfg.workers.num_workers
-        res = self.cfg.workers.resources
+        n = self.cfg.scaling.num_workers
+        res = self.cfg.scaling.actor_resources()
         remote = ray.remote(GeneratorWorker)
         cfg = self.cfg.to_dict()
         if self.cfg.policy.generator.text_encoders == "actor":
             self.text_encoder = start_text_encoder(
-                self.cfg.policy.generator, self.cfg.workers.text_encoder
+                self.cfg.policy.generator, self.cfg.text_encoder.resources
             )
         self.workers = [
             remote.options(**actor_options(res, None)).remote(cfg, rank, n) for rank in range(n)

@@ -29,8 +29,8 @@ from ray.exceptions import RayActorError, RayTaskError
 from actors.direct_transport import DirectChannel, DirectRewardServer
 from actors.options import actor_options
 from actors.reward_server import RewardServer
-from actors.server_config import ServerConfig
 from rewards.registry import RewardSpec
+from rlhf.run_config import ServerConfig
 
 log = logging.getLogger(__name__)
 

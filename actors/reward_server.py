@@ -70,11 +70,11 @@ class ServerCore:
 
     Args:
         spec: a reward spec (``{name, checkpoint, options}``), see :mod:`rewards.registry`.
-        max_batch_size, batch_wait_ms: see :class:`~actors.server_config.ServerConfig`.
+        max_batch_size, batch_wait_ms: see :class:`~rlhf.run_config.ServerConfig`.
         seed: seeds torch before the model is built (random-init tiny rewards).
         tracking_uri: the MLflow store that ``models:/`` and ``runs:/`` checkpoints come
             from (the actor process does not see a URI the caller set after Ray started).
-        forward_threads: see :class:`~actors.server_config.ServerConfig`.
+        forward_threads: see :class:`~rlhf.run_config.ServerConfig`.
     """
 
     def __init__(

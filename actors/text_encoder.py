@@ -5,7 +5,7 @@ they send their prompts here and get the embeddings back (through the object sto
 SD3.5-Large is 2.7 MB in bf16). The actor wraps :class:`rlhf.prompt_encoder.PromptEncoder`,
 which encodes a prompt once and serves it from its cache afterwards, so the encoders run
 once per distinct prompt of the run. It keeps no state that a restart would lose but the
-cache, so Ray restarts it and resends lost calls (``workers.text_encoder`` resources).
+cache, so Ray restarts it and resends lost calls (``text_encoder.resources``).
 """
 
 from __future__ import annotations
@@ -75,6 +75,6 @@ class TextEncoderClient:
 
 def start_text_encoder(generator: GeneratorConfig, resources) -> ray.actor.ActorHandle:
     """The text-encoder actor for ``generator`` placed by ``resources``
-    (:class:`~actors.options.ActorResources`)."""
+    (:class:`~rlhf.resources.ActorResources`)."""
     remote = ray.remote(TextEncoder).options(**actor_options(resources, None))
     return remote.remote(dataclasses.asdict(generator), resources.num_cpus)

@@ -52,22 +52,31 @@ def run_cell(k: int, checkpointing: bool, size: int, repeats: int, threads: int)
 
     torch.set_num_threads(threads)
     from rewards.registry import build_reward
-    from rlhf.draft import DraftConfig, draft_step
-    from rlhf.engine import EngineConfig, PlainEngine
-    from rlhf.generator import FinetuneConfig, GeneratorConfig, load_generator
-    from rlhf.sampler import SamplerConfig
+    from rlhf.config import load_config
+    from rlhf.draft import draft_step
+    from rlhf.engine import PlainEngine
+    from rlhf.generator import load_generator
+    from rlhf.run_config import RunConfig
 
-    gen = load_generator(
-        GeneratorConfig(model="tiny", load_t5=False, gradient_checkpointing=checkpointing),
-        FinetuneConfig(rank=4, alpha=4.0),
-        "cpu",
-    )
+    # The quickstart's tiny policy (4 steps, LoRA rank 4), at this cell's K and size.
+    policy = load_config(
+        RunConfig,
+        os.path.join(ROOT, "configs", "quickstart.yaml"),
+        [
+            f"policy.generator.gradient_checkpointing={str(checkpointing).lower()}",
+            f"policy.sampler.height={size}",
+            f"policy.sampler.width={size}",
+            f"policy.draft.k={k}",
+            "policy.engine.lr=1e-3",
+        ],
+    ).policy
+    assert policy.sampler.steps == STEPS
+    gen = load_generator(policy.generator, policy.finetune, "cpu")
     torch.manual_seed(0)
     reward = build_reward({"name": "ict_hp", "options": {"backbone": "tiny"}}).eval()
     reward.requires_grad_(False)
-    engine = PlainEngine(gen.transformer, EngineConfig(lr=1e-3))
-    sampler = SamplerConfig(steps=STEPS, height=size, width=size, max_sequence_length=16)
-    draft = DraftConfig(k=k)
+    engine = PlainEngine(gen.transformer, policy.engine)
+    sampler, draft = policy.sampler, policy.draft
     prompts = ["a red cube on a table", "an astronaut riding a horse"][:BATCH]
 
     base = _rss_mib()
@@ -75,7 +84,7 @@ def run_cell(k: int, checkpointing: bool, size: int, repeats: int, threads: int)
     for step in range(repeats + 1):
         seeds = [2 * step, 2 * step + 1]
         t0 = time.perf_counter()
-        draft_step(engine, gen, reward, prompts, seeds, sampler, draft, step)
+        draft_step(engine, gen, {"reward": (1.0, reward)}, prompts, seeds, sampler, draft, step)
         if step:  # step 0 is the warm-up
             times.append(time.perf_counter() - t0)
     return {

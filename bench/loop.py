@@ -36,8 +36,8 @@ SIDES = ("1w_colocated", "1w_server", "2w_colocated")
 
 
 def _cfg(root: Path, side: str, steps: int, batch: int):
-    from actors.run_config import RunConfig
     from rlhf.config import load_config
+    from rlhf.run_config import RunConfig
 
     workers = 2 if side.startswith("2w") else 1
     placement = "server" if side.endswith("server") else "colocated"
@@ -51,12 +51,12 @@ def _cfg(root: Path, side: str, steps: int, batch: int):
             f"{{name: hp, placement: {placement}, options: {{backbone: tiny}}}}]",
             "eval_rewards=[]",
             "prompts.synthetic_eval=2",
-            f"workers.num_workers={workers}",
-            f"workers.batch_size={batch // workers}",
-            f"workers.resources.num_cpus={2 // workers}",
+            f"scaling.num_workers={workers}",
+            f"train.batch_size={batch // workers}",
+            f"scaling.cpus_per_worker={2 // workers}",
             f"train.max_steps={steps}",
             "train.eval_every=100000",
-            "train.checkpoint_every=100000",
+            "checkpoint.every=100000",
             "mlflow.experiment=bench",
             "mlflow.register_as=null",
         ],
@@ -71,7 +71,7 @@ def plain(cfg, warmup: int) -> tuple[list[float], float]:
     from rlhf.prompts import read_prompts, step_batch
 
     # The worker's count (GeneratorWorker.setup): a ratio of like against like.
-    torch.set_num_threads(max(1, int(cfg.workers.resources.num_cpus)))
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     t0 = time.perf_counter()
     p = cfg.policy
     torch.manual_seed(p.generator.seed)

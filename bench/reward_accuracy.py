@@ -37,7 +37,7 @@ def run(
         make_eval_loader,
         run_training,
     )
-    from rlhf.quickstart import reward_configs
+    from rlhf.quickstart import reward_config
     from rlhf.world.triplets import build_triplets
 
     torch.set_num_threads(1)
@@ -49,12 +49,14 @@ def run(
         else:
             stats = {"cached": str(data_dir)}
         timings = {"triplets_s": time.perf_counter() - t}
-        cfgs = reward_configs(Path(d), data_dir, fast=short)
-        cfgs["pickscore"] = cfgs["ict"].__class__(
-            **{**cfgs["ict"].__dict__, "kind": "pickscore", "name": "pickscore"}
+        extra = [f"optim.epochs={epochs}"] if epochs else []
+        cfgs = {
+            kind: reward_config(kind, Path(d), data_dir, short, extra) for kind in ("ict", "hp")
+        }
+        # The pairwise baseline: the ICT's settings, trained on I2 > I1 alone.
+        cfgs["pickscore"] = reward_config(
+            "ict", Path(d), data_dir, short, [*extra, "kind=pickscore", "name=pickscore"]
         )
-        for cfg in cfgs.values():
-            cfg.optim.epochs = epochs or cfg.optim.epochs
         eval_ds = make_dataset(cfgs["ict"].data, "eval")
         train_ds = make_dataset(cfgs["ict"].data, "train")
         loader = make_eval_loader(eval_ds, 64)

@@ -105,9 +105,9 @@ class BenchCaller:
 def run(args) -> dict:
     import ray
 
-    from actors.options import ActorResources
     from actors.reward_client import RewardClient
-    from actors.server_config import ServerConfig
+    from rlhf.resources import ActorResources
+    from rlhf.run_config import ServerConfig
 
     cpus = args.cpus or os.cpu_count() or 1
     spec = {"name": args.reward, "options": {"backbone": "tiny"}}

@@ -21,39 +21,39 @@ import logging
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from bench.common import emit, stats
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def _cfg(kind: str, root: Path, steps: int, batch: int, workers: int, name: str):
-    from rewards.training import (
-        CheckpointConfig,
-        DataConfig,
-        LabelConfig,
-        MlflowConfig,
-        OptimConfig,
-        RewardTrainConfig,
-        ScalingConfig,
-    )
+    """``configs/reward_<kind>.yaml`` sized for ``steps`` one-epoch steps of ``batch`` per
+    worker, no evaluation, no warm-up."""
+    from rlhf.config import load_config
+    from rlhf.run_config import RewardTrainConfig
 
-    return RewardTrainConfig(
-        name=name,
-        kind=kind,
-        model={"options": {"backbone": "tiny"}},
-        data=DataConfig(
-            synthetic_train=steps * batch * workers, synthetic_eval=32, cache_dir=str(root / "data")
-        ),
-        labels=LabelConfig(source="rule"),
-        optim=OptimConfig(lr=1e-3, batch_size=batch, epochs=1),
-        scaling=ScalingConfig(num_workers=workers, cpus_per_worker=2 // workers),
-        checkpoint=CheckpointConfig(storage_path=str(root / "runs")),
-        mlflow=MlflowConfig(experiment="bench"),
-        eval_every=10**6,
-    ).validate()
+    return load_config(
+        RewardTrainConfig,
+        ROOT / "configs" / f"reward_{kind}.yaml",
+        [
+            f"name={name}",
+            f"data.synthetic_train={steps * batch * workers}",
+            "data.synthetic_eval=32",
+            f"data.cache_dir={root / 'data'}",
+            f"optim.batch_size={batch}",
+            "optim.epochs=1",
+            "optim.warmup_steps=0",
+            f"scaling.num_workers={workers}",
+            f"scaling.cpus_per_worker={2 // workers}",
+            f"output_dir={root / 'runs'}",
+            "mlflow.experiment=bench",
+            f"eval_every={10**6}",
+        ],
+    )
 
 
 def plain_step_times(cfg, warmup: int) -> tuple[list[float], float]:
@@ -104,15 +104,10 @@ def run(short: bool = False, kind: str = "hp") -> dict:
 
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
         tracking.setup(None, "bench")
+        # One global batch 2B on every side: 2 workers x B, or 1 x 2B.
         base = _cfg(kind, root, steps, batch, 2, "bench-ray-2w")
-        plain_cfg = replace(
-            base,
-            optim=replace(base.optim, batch_size=2 * batch),
-            scaling=replace(base.scaling, num_workers=1),
-        )
-        ray1_cfg = replace(
-            plain_cfg, name="bench-ray-1w", scaling=replace(plain_cfg.scaling, cpus_per_worker=2)
-        )
+        plain_cfg = _cfg(kind, root, steps, 2 * batch, 1, "bench-plain")
+        ray1_cfg = _cfg(kind, root, steps, 2 * batch, 1, "bench-ray-1w")
         ray.init(
             address="local",
             num_cpus=2,

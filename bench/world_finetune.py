@@ -1,11 +1,11 @@
 """The paper's fine-tuning table in the miniature world (BENCHMARKS.md, table 2).
 
 From the shipped world SD3, with the same steps, prompts and seeds, DRaFT-K (LoRA, in one
-process: :func:`rlhf.world.experiments.finetune_world`) against each reward: none (the base),
-the world CLIP score, the pairwise I2>I1 baseline, ICT, HP, ICT-HP (the trained rewards saved
-by ``python -m bench.reward_accuracy --save DIR``). Measured on fixed held-out prompts and
-seeds: GenEval-mini (mean, per category), JPEG compression ratio, HP score, CLIP score; the
-held-out samples of every row side by side in one PNG.
+process: :func:`rlhf.world.experiments.finetune_world` on ``configs/world.yaml``) against each
+reward: none (the base), the world CLIP score, the pairwise I2>I1 baseline, ICT, HP, ICT-HP
+(the trained rewards saved by ``python -m bench.reward_accuracy --save DIR``). Measured on
+fixed held-out prompts and seeds: GenEval-mini (mean, per category), JPEG compression ratio,
+HP score, CLIP score; the held-out samples of every row side by side in one PNG.
 
     python -m bench.world_finetune --rewards DIR [--steps N] [--short] [--out FILE.json]
         [--grid FILE.png]
@@ -14,6 +14,7 @@ held-out samples of every row side by side in one PNG.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -46,7 +47,7 @@ def rows(rewards_dir: Path) -> dict[str, list[dict]]:
 def run(rewards_dir: str, steps: int, short: bool, grid_path: str | None) -> dict:
     from rewards.registry import build_reward
     from rlhf.image_stats import grid, to_uint8
-    from rlhf.world.experiments import WorldFinetune, finetune_world
+    from rlhf.world.experiments import finetune_world, world_config
 
     torch.set_num_threads(1)
     rdir = Path(rewards_dir)
@@ -59,8 +60,10 @@ def run(rewards_dir: str, steps: int, short: bool, grid_path: str | None) -> dic
         if short and label not in ("base", "+ICT"):
             continue
         t = time.perf_counter()
-        cfg = WorldFinetune(rewards=rewards, steps=steps, eval_prompts=12 if short else 120)
-        out = finetune_world(cfg, scorers)
+        overrides = [f"train.max_steps={steps}", f"prompts.synthetic_eval={12 if short else 120}"]
+        if rewards:  # the base row trains nothing and keeps world.yaml's rewards unused
+            overrides.append(f"rewards={json.dumps(rewards)}")
+        out = finetune_world(world_config(*overrides), scorers, train=bool(rewards))
         figures = out["after"] or out["before"]
         results[label] = {**figures, "seconds": time.perf_counter() - t}
         if label == "base":

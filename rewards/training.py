@@ -1,8 +1,10 @@
-"""Reward-model training: config, objective, data, one plain loop.
+"""Reward-model training: the reward's config sections, objective, data, one plain loop.
 
 The same pieces run in a single plain process (tests, benchmarks) and inside a Ray Train
 worker (:mod:`rlhf.train_reward`), which only adds the process group, reporting and
-checkpointing around :func:`run_training`.
+checkpointing around :func:`run_training`. ``cfg`` below is the run schema that holds these
+sections, :class:`rlhf.run_config.RewardTrainConfig` (defined above this layer; only its
+fields are read here).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -88,94 +90,6 @@ class OptimConfig:
     max_steps: int | None = None
     warmup_steps: int = 0
     grad_clip: float = 1.0
-
-
-@dataclass
-class ScalingConfig:
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    strategy: str = "ddp"
-    zero_stage: int = 2
-
-
-@dataclass
-class CheckpointConfig:
-    keep: int = 2
-    storage_path: str | None = None
-
-
-@dataclass
-class MlflowConfig:
-    experiment: str = "reward-models"
-    register_as: str | None = None
-    tracking_uri: str | None = None
-
-
-@dataclass
-class RewardTrainConfig:
-    """``rlhf train-reward`` config. ``model`` is a reward spec without its name (the name is
-    ``kind``); ``ict_model`` a frozen trained ICT used by HP's ICT-HP loss term."""
-
-    name: str = "reward"
-    kind: str = "ict"
-    model: dict = field(default_factory=dict)
-    ict_model: dict | None = None
-    data: DataConfig = field(default_factory=DataConfig)
-    labels: LabelConfig = field(default_factory=LabelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    freeze: FreezeConfig = field(default_factory=FreezeConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
-    eval_every: int = 50
-    seed: int = 0
-
-    def validate(self) -> RewardTrainConfig:
-        """Raise ``ValueError`` naming the key for values that would fail later."""
-        if self.kind not in KINDS:
-            raise ValueError(f"kind={self.kind!r} must be one of {KINDS}")
-        RewardSpec.from_dict({"name": self.kind, **self.model}, "model")
-        for split in ("train", "eval"):
-            p = getattr(self.data, split)
-            if p != "synthetic" and not Path(p).exists():
-                raise ValueError(f"data.{split}={p!r}: no such file (or use 'synthetic')")
-            if p != "synthetic" and self.kind != "imagereward" and is_ranked_file(p):
-                raise ValueError(
-                    f"data.{split}={p!r} holds ranked images (prompt, images, ranking): "
-                    "only kind=imagereward trains on them"
-                )
-        if self.labels.source not in ("data", "teacher", "rule"):
-            raise ValueError(f"labels.source={self.labels.source!r} must be data, teacher or rule")
-        if self.labels.source == "teacher" and not self.labels.teacher:
-            raise ValueError("labels.teacher must be a reward spec when labels.source=teacher")
-        if self.labels.theta <= 0:
-            raise ValueError(f"labels.theta={self.labels.theta} must be > 0")
-        if self.loss.icthp_weight > 0 and not self.ict_model:
-            raise ValueError("loss.icthp_weight > 0 needs ict_model (a trained ICT spec)")
-        if self.loss.icthp_weight > 0 and self.kind != "hp":
-            raise ValueError("loss.icthp_weight applies to kind=hp only")
-        if self.scaling.num_workers < 1:
-            raise ValueError(f"scaling.num_workers={self.scaling.num_workers} must be >= 1")
-        if self.scaling.strategy not in ("ddp", "deepspeed"):
-            raise ValueError(f"scaling.strategy={self.scaling.strategy!r} must be ddp or deepspeed")
-        for key, val in (
-            ("optim.batch_size", self.optim.batch_size),
-            ("optim.epochs", self.optim.epochs),
-            ("eval_every", self.eval_every),
-            ("checkpoint.keep", self.checkpoint.keep),
-        ):
-            if val < 1:
-                raise ValueError(f"{key}={val} must be >= 1")
-        if self.optim.lr <= 0:
-            raise ValueError(f"optim.lr={self.optim.lr} must be > 0")
-        for key in ("text_fraction", "vision_fraction"):
-            v = getattr(self.freeze, key)
-            if not 0 <= v <= 1:
-                raise ValueError(f"freeze.{key}={v} must be in [0, 1]")
-        return self
 
 
 # --------------------------------------------------------------------------- data
@@ -260,7 +174,7 @@ def _gather(t: torch.Tensor) -> torch.Tensor:
 class Objective:
     """``batch -> {"loss": scalar, <parts>...}`` for ICT or HP training."""
 
-    def __init__(self, cfg: RewardTrainConfig, model, teacher=None, ict_model=None):
+    def __init__(self, cfg, model, teacher=None, ict_model=None):
         self.cfg, self.model, self.teacher, self.ict_model = cfg, model, teacher, ict_model
 
     def labels(self, batch) -> torch.Tensor:
@@ -343,7 +257,7 @@ class Objective:
         return out
 
 
-def build_model(cfg: RewardTrainConfig):
+def build_model(cfg):
     """The trainable reward model (train mode, freezing applied), plus the frozen helpers."""
     model = build_reward(RewardSpec.from_dict({"name": cfg.kind, **cfg.model}, "model")).train()
     model.backbone.freeze(cfg.freeze.text_fraction, cfg.freeze.vision_fraction)
@@ -383,7 +297,9 @@ def make_optimizer(cfg: OptimConfig, params, total_steps: int):
     return opt, get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, total_steps)
 
 
-def total_steps(cfg: RewardTrainConfig, n_train: int) -> int:
+def total_steps(cfg, n_train: int) -> int:
+    """Optimiser steps: whole global batches (``optim.batch_size`` x ``scaling.num_workers``)
+    per epoch, times ``optim.epochs``, capped at ``optim.max_steps``."""
     per_epoch = n_train // (cfg.optim.batch_size * cfg.scaling.num_workers)
     if per_epoch < 1:
         raise ValueError(
@@ -423,7 +339,7 @@ class StepResult:
 
 
 def run_training(
-    cfg: RewardTrainConfig,
+    cfg,
     model,
     objective: Callable,
     train_ds: TripletDataset,

@@ -95,8 +95,8 @@ def cmd_eval_reward(args) -> int:
 
 
 def cmd_train_reward(args) -> int:
-    from rewards.training import RewardTrainConfig
     from rlhf.config import load_config
+    from rlhf.run_config import RewardTrainConfig
     from rlhf.train_reward import run_job
 
     cfg = load_config(RewardTrainConfig, args.config, args.overrides)
@@ -132,8 +132,8 @@ def init_ray(verbose: bool = False) -> None:
 
 def cmd_finetune(args) -> int:
     from actors.coordinator import Coordinator, RunFailed, RunStopped, summary_lines
-    from actors.run_config import RunConfig
     from rlhf.config import load_config
+    from rlhf.run_config import RunConfig
 
     if args.resume:
         if args.config or args.overrides:

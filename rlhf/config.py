@@ -85,6 +85,7 @@ def bind(cls: type[T], data: dict | None, path: str = "") -> T:
     where = path or "config"
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    _refuse_renamed(cls, data, path)
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - fields)
@@ -94,6 +95,22 @@ def bind(cls: type[T], data: dict | None, path: str = "") -> T:
     kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
     obj = cls(**kwargs)
     return obj
+
+
+def _refuse_renamed(cls, data: dict, path: str) -> None:
+    """A key the schema renamed (``cls.RENAMED``: old dotted key -> new place) is an error
+    naming the new place, not an unknown key, and never silently ignored."""
+    renamed = getattr(cls, "RENAMED", {})
+    for old in sorted(renamed, key=lambda k: -k.count(".")):  # the most specific first
+        new = renamed[old]
+        node = data
+        for part in old.split("."):
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            key = f"{path}.{old}" if path else old
+            raise ConfigError(f"{key}: renamed, use {new}")
 
 
 def parse_overrides(overrides: list[str] | None) -> dict:

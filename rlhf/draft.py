@@ -161,15 +161,11 @@ def draw_refl_step(cfg: DraftConfig, steps: int, step: int) -> int:
     return random.Random(cfg.seed * 1_000_003 + step).randint(lo, hi)
 
 
-def reward_components(rewards) -> Components:
-    """Normalise rewards to ``{name: (weight, fn)}``: accepts that dict or one callable (named
-    ``reward``, weight 1)."""
-    if isinstance(rewards, Mapping):
-        out = dict(rewards)
-    elif callable(rewards):
-        out = {"reward": (1.0, rewards)}
-    else:
-        raise ValueError(f"rewards: expected {{name: (weight, fn)}} or a callable, got {rewards!r}")
+def reward_components(rewards: Mapping) -> Components:
+    """Check ``{name: (weight, fn)}`` and make every weight a float."""
+    if not isinstance(rewards, Mapping):
+        raise ValueError(f"rewards: expected {{name: (weight, fn)}}, got {rewards!r}")
+    out = dict(rewards)
     if not out:
         raise ValueError("rewards: no reward component given")
     for name, item in out.items():
@@ -332,8 +328,7 @@ def draft_step(
 
     ``engine``: a DeepSpeed engine around ``gen.transformer`` (or :class:`rlhf.engine.PlainEngine`);
     every rank of a data-parallel group calls this with its own prompts and seeds.
-    ``rewards``: anything :func:`reward_components` accepts (ignored when ``score_fn`` is
-    given). ``score_fn(images, prompts) -> Scores`` with ``grad`` set replaces the in-process
+    ``rewards``: ``{name: (weight, fn)}`` (ignored when ``score_fn`` is given). ``score_fn(images, prompts) -> Scores`` with ``grad`` set replaces the in-process
     reward, e.g. by a call to reward servers.
 
     Metrics: ``loss``, ``reward`` (mean weighted), ``reward/<name>`` (mean of each component),

@@ -4,8 +4,8 @@ each section and the rules across them, naming the key path (``draft.k=5 must be
 sampler.steps=4``).
 
 The defaults are the GPU setting of the paper (SD3.5-Large-Turbo, 4 steps, guidance 0,
-DRaFT-1, LoRA, ZeRO-2, xformers where available); :meth:`PolicyConfig.tiny` is the tiny SD3 on
-a CPU (64 px, 4 steps, K=2).
+DRaFT-1, LoRA, ZeRO-2, xformers where available); the tiny SD3 on a CPU is the ``policy`` of
+``configs/quickstart.yaml``.
 """
 
 from __future__ import annotations
@@ -44,14 +44,3 @@ class PolicyConfig:
             raise ValueError(
                 f"{prefix}generator.load_t5=true: the tiny model has no T5 encoder; set it false"
             )
-
-    @classmethod
-    def tiny(cls) -> PolicyConfig:
-        """The tiny SD3 from the shipped configs, sized for a CPU and tests."""
-        return cls(
-            generator=GeneratorConfig(model=TINY, load_t5=False),
-            finetune=FinetuneConfig(rank=4, alpha=4.0),
-            sampler=SamplerConfig(steps=4, height=64, width=64, max_sequence_length=16),
-            draft=DraftConfig(k=2),
-            engine=EngineConfig(lr=3e-3),
-        )

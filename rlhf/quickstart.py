@@ -19,50 +19,35 @@ import time
 import uuid
 from pathlib import Path
 
-from rewards.training import (
-    CheckpointConfig,
-    DataConfig,
-    LabelConfig,
-    MlflowConfig,
-    OptimConfig,
-    RewardTrainConfig,
-    ScalingConfig,
-)
+from rlhf.config import load_config
+from rlhf.run_config import RewardTrainConfig
 
 log = logging.getLogger(__name__)
 WORLD = {"backbone": "world"}
-FINETUNE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "world.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+FINETUNE_CONFIG = CONFIGS / "world.yaml"
 # Numbers of Pick-High-mini triplets (prompts; ties are dropped) for train and held-out.
 TRIPLETS = {False: (600, 150), True: (120, 60)}
 
 
-def reward_configs(out: Path, data_dir: Path, fast: bool) -> dict[str, RewardTrainConfig]:
-    """The ICT and HP jobs the quickstart runs, from the world CLIP on Pick-High-mini."""
-    data = DataConfig(
-        train=str(data_dir / "train.parquet"),
-        eval=str(data_dir / "eval.parquet"),
-        image_size=64,
-        cache_dir=str(data_dir),
+def reward_config(
+    kind: str, out: Path, data_dir: Path, fast: bool, overrides: list[str] = ()
+) -> RewardTrainConfig:
+    """``configs/reward_world_<kind>.yaml`` on the Pick-High-mini files in ``data_dir``, Ray
+    Train's runs in ``out/ray_runs``; ``fast``: one epoch, evaluated every 8 steps."""
+    extra = ["optim.epochs=1", "eval_every=8"] if fast else []
+    return load_config(
+        RewardTrainConfig,
+        CONFIGS / f"reward_world_{kind}.yaml",
+        [
+            f"name=quickstart-{kind}-{uuid.uuid4().hex[:6]}",
+            f"data.train={data_dir / 'train.parquet'}",
+            f"data.eval={data_dir / 'eval.parquet'}",
+            f"output_dir={out / 'ray_runs'}",
+            *extra,
+            *overrides,
+        ],
     )
-    tag = uuid.uuid4().hex[:6]
-    common = dict(
-        data=data,
-        labels=LabelConfig(source="data"),
-        scaling=ScalingConfig(num_workers=2, cpus_per_worker=1),
-        checkpoint=CheckpointConfig(keep=2, storage_path=str(out / "ray_runs")),
-        eval_every=8 if fast else 16,
-    )
-    return {
-        kind: RewardTrainConfig(
-            name=f"quickstart-{kind}-{tag}",
-            kind=kind,
-            model={"options": WORLD},
-            optim=OptimConfig(lr=lr, batch_size=32, epochs=1 if fast else 8, warmup_steps=4),
-            mlflow=MlflowConfig(experiment="quickstart", register_as=f"quickstart-{kind}"),
-            **common,
-        ).validate()
-        for kind, lr in (("ict", 2e-4), ("hp", 5e-4))
-    }
 
 
 def _banner(text: str) -> None:
@@ -117,7 +102,7 @@ def run_quickstart(out: Path, fast: bool = False) -> dict:
     _banner("1/5 Pick-High-mini triplets from the world's pretrained SD3, CLIP and judge")
     t = time.perf_counter()
     stats = make_triplets(data_dir, fast)
-    cfgs = reward_configs(out, data_dir, fast)
+    cfgs = {kind: reward_config(kind, out, data_dir, fast) for kind in ("ict", "hp")}
     eval_ds = make_dataset(cfgs["ict"].data, "eval")
     timings["data"] = time.perf_counter() - t
     print(
@@ -207,8 +192,8 @@ def run_quickstart(out: Path, fast: bool = False) -> dict:
 def run_finetune(out: Path, ict_uri: str, hp_uri: str, fast: bool) -> dict:
     """``configs/world.yaml`` with the freshly trained rewards swapped in."""
     from actors.coordinator import Coordinator
-    from actors.run_config import RunConfig
     from rlhf.config import load_config
+    from rlhf.run_config import RunConfig
 
     overrides = [
         f"output_dir={out / 'runs'}",
@@ -217,6 +202,6 @@ def run_finetune(out: Path, ict_uri: str, hp_uri: str, fast: bool) -> dict:
         f"{{name: hp, checkpoint: '{hp_uri}', placement: colocated}}]",
     ]
     if fast:
-        overrides += ["train.max_steps=6", "train.eval_every=3", "train.checkpoint_every=3"]
+        overrides += ["train.max_steps=6", "train.eval_every=3", "checkpoint.every=3"]
     cfg = load_config(RunConfig, FINETUNE_CONFIG, overrides)
     return Coordinator(cfg).run()

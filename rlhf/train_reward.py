@@ -23,7 +23,6 @@ from torch import nn
 from rewards.registry import load_reward, save_reward
 from rewards.training import (
     Objective,
-    RewardTrainConfig,
     StepResult,
     build_model,
     make_dataset,
@@ -35,6 +34,7 @@ from rewards.training import (
 from rlhf import console, tracking
 from rlhf.config import bind, flatten
 from rlhf.export import load_deepspeed_checkpoint
+from rlhf.run_config import RewardTrainConfig
 
 log = logging.getLogger(__name__)
 STATE_FILE = "train_state.json"
@@ -56,7 +56,8 @@ class _ObjectiveModule(nn.Module):
 
 
 def storage_path(cfg: RewardTrainConfig) -> str:
-    return str(Path(cfg.checkpoint.storage_path or ".rlhf_runs/ray_train").resolve())
+    """Ray Train's ``storage_path``: ``output_dir``, absolute (runs land in ``<it>/<name>``)."""
+    return str(Path(cfg.output_dir).resolve())
 
 
 def _progress_line(r: StepResult, total: int, t0: float, start: int) -> str:
@@ -195,7 +196,7 @@ def train_func(config: dict) -> None:
                 last_print[0] = now
                 print(_progress_line(r, total, t0, start), flush=True)
         # Every rank must report at the same steps (DeepSpeed saves are collective too).
-        if r.step % cfg.eval_every == 0 or r.step == total:
+        if r.step % cfg.checkpoint.every == 0 or r.step == total:
             if rank == 0:
                 mlflow.flush_async_logging()
             with tempfile.TemporaryDirectory() as d:
@@ -248,9 +249,6 @@ def run_job(cfg: RewardTrainConfig, interrupt_after: int | None = None) -> dict:
     tracking.setup(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     sc = cfg.scaling
-    resources = {"CPU": sc.cpus_per_worker}
-    if sc.use_gpu:
-        resources["GPU"] = sc.gpus_per_worker or 1
     trainer = TorchTrainer(
         train_func,
         train_loop_config={
@@ -260,7 +258,9 @@ def run_job(cfg: RewardTrainConfig, interrupt_after: int | None = None) -> dict:
         },
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources
+            num_workers=sc.num_workers,
+            use_gpu=sc.use_gpu,
+            resources_per_worker=sc.ray_resources(),
         ),
         run_config=ray.train.RunConfig(
             name=cfg.name,
@@ -270,7 +270,7 @@ def run_job(cfg: RewardTrainConfig, interrupt_after: int | None = None) -> dict:
                 checkpoint_score_attribute="mean_acc",
                 checkpoint_score_order="max",
             ),
-            failure_config=ray.train.FailureConfig(max_failures=0),
+            failure_config=ray.train.FailureConfig(max_failures=sc.max_failures),
         ),
     )
     result = trainer.fit()

@@ -307,12 +307,11 @@ def train_world_ict(out: Path, folder: Path, recipe: Recipe, seed: int) -> dict:
         LabelConfig,
         Objective,
         OptimConfig,
-        RewardTrainConfig,
-        ScalingConfig,
         build_model,
         make_dataset,
         run_training,
     )
+    from rlhf.run_config import RewardScalingConfig, RewardTrainConfig
     from rlhf.world.triplets import build_triplets, world_backbone
 
     with tempfile.TemporaryDirectory() as d:
@@ -328,7 +327,7 @@ def train_world_ict(out: Path, folder: Path, recipe: Recipe, seed: int) -> dict:
             optim=OptimConfig(
                 lr=2e-4, batch_size=min(32, max(1, n)), epochs=recipe.ict_epochs, warmup_steps=4
             ),
-            scaling=ScalingConfig(num_workers=1),
+            scaling=RewardScalingConfig(num_workers=1),
             seed=seed,
         ).validate()
         torch.manual_seed(seed)

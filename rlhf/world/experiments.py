@@ -1,40 +1,43 @@
 """The paper's fine-tuning experiment in the miniature world, in one process.
 
-:func:`finetune_world` fine-tunes the shipped world SD3 with DRaFT-K (LoRA, a plain AdamW
-engine, no Ray) against a reward, from the same base, with the same steps, prompts and seeds
-for every reward, and measures on fixed held-out prompts and seeds, before and after:
-GenEval-mini (mean and per category), the JPEG compression ratio, and any scoring rewards
-(e.g. HP and the CLIP score). The distributed loop (``rlhf finetune configs/world.yaml``) runs
-the same DRaFT-K step; this is the small, deterministic version for tables and tests.
+:func:`finetune_world` fine-tunes the world SD3 with DRaFT-K (LoRA, a plain AdamW engine, no
+Ray) against a reward, from the same base, with the same steps, prompts and seeds for every
+reward, and measures on fixed held-out prompts and seeds, before and after: GenEval-mini
+(mean and per category), the JPEG compression ratio, and any scoring rewards (e.g. HP and the
+CLIP score). Its settings are ``configs/world.yaml`` (what ``rlhf finetune`` runs distributed)
+with :data:`ONE_PROCESS` and the caller's overrides (:func:`world_config`); this is the small,
+deterministic version for tables and tests.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from rlhf.config import load_config
+from rlhf.run_config import RunConfig
+
 log = logging.getLogger(__name__)
+WORLD_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "world.yaml"
+# configs/world.yaml as one process trains it: 60 steps of 8 prompts at lr 1e-3 (the
+# settings of BENCHMARKS.md table 2), 120 held-out prompts; the caller's ``scorers`` are what
+# it measures (eval_rewards would clash with a row's reward of the same name).
+ONE_PROCESS = [
+    "eval_rewards=[]",
+    "scaling.num_workers=1",
+    "train.batch_size=8",
+    "train.max_steps=60",
+    "policy.engine.lr=1e-3",
+    "policy.generator.gradient_checkpointing=false",
+    "prompts.synthetic_eval=120",
+]
 
 
-@dataclass
-class WorldFinetune:
-    """One fine-tuning run: ``rewards`` (reward specs, optimised as a weighted sum; empty:
-    the base, no training), and the DRaFT-K settings."""
-
-    rewards: list[dict] = field(default_factory=list)
-    steps: int = 60
-    batch_size: int = 8
-    lr: float = 1e-3
-    rank: int = 8
-    k: int = 2
-    sample_steps: int = 10
-    guidance: float = 1.0
-    eval_prompts: int = 120
-    seed: int = 0
-    world_dir: str | None = None  # a built world (default: the shipped one)
+def world_config(*overrides: str) -> RunConfig:
+    """``configs/world.yaml`` + :data:`ONE_PROCESS` + ``overrides`` (``key=value``)."""
+    return load_config(RunConfig, WORLD_CONFIG, [*ONE_PROCESS, *overrides])
 
 
 @torch.no_grad()
@@ -54,48 +57,48 @@ def measure(gen, specs, seeds, sampler, scorers: dict, judge) -> tuple[dict, tor
     return out, images
 
 
-def finetune_world(cfg: WorldFinetune, scorers: dict | None = None, judge=None) -> dict:
-    """Run ``cfg``; returns ``{"before": figures, "after": figures, "images": (before,
-    after), "train": [per-step metrics]}`` (``after`` is None for the base)."""
+def finetune_world(
+    cfg: RunConfig, scorers: dict | None = None, judge=None, train: bool = True
+) -> dict:
+    """Fine-tune ``cfg.policy.generator`` with ``cfg.policy`` against ``cfg.rewards`` (their
+    weighted sum) for ``cfg.train.max_steps`` steps of ``cfg.global_batch`` of
+    ``cfg.prompts.synthetic_train`` world prompts; measure on ``cfg.prompts.synthetic_eval``
+    held-out prompts (seeds from ``cfg.prompts.eval_seed``), judged by ``judge`` (default: the
+    shipped one). ``train=False``: the base only. Returns ``{"before": figures, "after":
+    figures, "images": (before, after), "train": [per-step metrics]}`` (``after`` is None
+    for the base)."""
     from rewards import world
-    from rewards.registry import RewardSpec, build_reward
+    from rewards.registry import build_reward
     from rewards.world.judge import Judge
-    from rewards.world.scenes import world_prompts
-    from rlhf.draft import DraftConfig, draft_step
-    from rlhf.engine import EngineConfig, PlainEngine
-    from rlhf.generator import FinetuneConfig
-    from rlhf.prompts import step_batch
-    from rlhf.world.build import eval_specs, load_world_generator, world_sampler
+    from rlhf.draft import draft_step
+    from rlhf.engine import PlainEngine
+    from rlhf.generator import load_generator
+    from rlhf.prompts import read_prompts, step_batch
+    from rlhf.world.build import eval_specs
 
-    root = Path(cfg.world_dir) if cfg.world_dir else world.ASSETS
-    judge = judge or Judge.load(root / "judge")
+    judge = judge or Judge.load(world.ASSETS / "judge")
     scorers = scorers or {}
-    sampler = world_sampler(cfg.sample_steps, cfg.guidance)
-    gen = load_world_generator(
-        root / "sd3",
-        FinetuneConfig(rank=cfg.rank, alpha=float(cfg.rank)) if cfg.rewards else None,
-        seed=cfg.seed,
-    )
-    specs = eval_specs(cfg.eval_prompts)
-    seeds = [10_000 + i for i in range(len(specs))]
-    before, images_before = measure(gen, specs, seeds, sampler, scorers, judge)
-    if not cfg.rewards:
+    p = cfg.policy
+    gen = load_generator(p.generator, p.finetune if train else None)
+    specs = eval_specs(cfg.prompts.synthetic_eval)
+    seeds = [cfg.prompts.eval_seed + i for i in range(len(specs))]
+    before, images_before = measure(gen, specs, seeds, p.sampler, scorers, judge)
+    if not train:
         return {"before": before, "after": None, "images": (images_before, None), "train": []}
     components = {}
-    for i, d in enumerate(cfg.rewards):
-        spec = RewardSpec.from_dict(d, f"rewards[{i}]")
-        model = build_reward(spec).requires_grad_(False)
-        components[spec.key] = (spec.weight, model)
-    engine = PlainEngine(gen.transformer, EngineConfig(lr=cfg.lr))
-    draft = DraftConfig(k=cfg.k)
-    prompts = world_prompts(600, seed=cfg.seed)
+    for spec in cfg.reward_specs():
+        components[spec.key] = (spec.weight, build_reward(spec).requires_grad_(False))
+    engine = PlainEngine(gen.transformer, p.engine)
+    prompts = read_prompts(
+        cfg.prompts.train, n_synthetic=cfg.prompts.synthetic_train, seed=cfg.seed
+    )
     history = []
     gen.transformer.train()
-    for step in range(1, cfg.steps + 1):
-        ps, ss = step_batch(prompts, step, cfg.batch_size, cfg.seed)
-        history.append(draft_step(engine, gen, components, ps, ss, sampler, draft, step))
+    for step in range(1, cfg.train.max_steps + 1):
+        ps, ss = step_batch(prompts, step, cfg.global_batch, cfg.seed)
+        history.append(draft_step(engine, gen, components, ps, ss, p.sampler, p.draft, step))
     gen.transformer.eval()
-    after, images_after = measure(gen, specs, seeds, sampler, scorers, judge)
+    after, images_after = measure(gen, specs, seeds, p.sampler, scorers, judge)
     return {
         "before": before,
         "after": after,

@@ -27,7 +27,7 @@ TINY_RUN = [
     "eval_rewards=[]",
     "train.max_steps=2",
     "train.eval_every=100",
-    "train.checkpoint_every=100",
+    "checkpoint.every=100",
     "mlflow.experiment=cluster",
 ]
 
@@ -77,7 +77,7 @@ def test_ray_job_submit_to_a_real_head_with_token_auth(tmp_path):
                     str(BIN / "ray"), "job", "submit", "--address", address,
                     "--working-dir", str(job_dir), "--runtime-env-json", json.dumps(runtime_env),
                     "--", sys.executable, "-m", "rlhf.cli", "finetune", "run.yaml",
-                    *TINY_RUN, "workers.num_workers=1", f"output_dir={tmp_path}/runs",
+                    *TINY_RUN, "scaling.num_workers=1", f"output_dir={tmp_path}/runs",
                 ],
                 env=env,
                 capture_output=True,
@@ -129,15 +129,15 @@ def test_two_node_cluster_places_one_worker_per_node(tmp_path):
         import ray
         from ray.cluster_utils import Cluster
         from actors.coordinator import Coordinator
-        from actors.run_config import RunConfig
+        from rlhf.run_config import RunConfig
         from rlhf.config import load_config
 
         cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
         cluster.add_node(num_cpus=1)
         ray.init(address=cluster.address, log_to_driver=False)
         cfg = load_config(RunConfig, {str(QUICKSTART)!r}, {TINY_RUN!r} + [
-            "output_dir={tmp_path}/runs", "workers.num_workers=2",
-            "workers.resources.num_cpus=1", "mlflow.register_as=null",
+            "output_dir={tmp_path}/runs", "scaling.num_workers=2",
+            "scaling.cpus_per_worker=1", "mlflow.register_as=null",
         ])
         nodes = set()
         co = Coordinator(cfg, progress=False,

@@ -104,7 +104,7 @@ def _run_rank(rank, world, port, out):
         draft = DraftConfig(k=1)
         for step in range(STEPS):
             ps, ss = _batch(step, rank * B, (rank + 1) * B)
-            draft_step(engine, gen, reward, ps, ss, _sampler(), draft, step)
+            draft_step(engine, gen, {"reward": (1.0, reward)}, ps, ss, _sampler(), draft, step)
         sd = lora_state_dict(engine)  # collective: gathers ZeRO-3 partitions
         export_lora(engine, out / f"lora{stage}")
 
@@ -113,12 +113,12 @@ def _run_rank(rank, world, port, out):
         save_resume(engine, out / f"resume{stage}", STEPS, {"data_position": 7 + stage})
         after_save = torch.rand(3)
         ps, ss = _batch(STEPS, rank * B, (rank + 1) * B)
-        draft_step(engine, gen, reward, ps, ss, _sampler(), draft, STEPS)
+        draft_step(engine, gen, {"reward": (1.0, reward)}, ps, ss, _sampler(), draft, STEPS)
         once = lora_state_dict(engine)
         step, state = load_resume(engine, out / f"resume{stage}")
         restored = torch.rand(3)
         back = lora_state_dict(engine)
-        draft_step(engine, gen, reward, ps, ss, _sampler(), draft, STEPS)
+        draft_step(engine, gen, {"reward": (1.0, reward)}, ps, ss, _sampler(), draft, STEPS)
         twice = lora_state_dict(engine)
         results[stage] = {
             "step": step,
@@ -170,7 +170,9 @@ def _reference():
         engine = PlainEngine(gen.transformer, _engine_cfg(None))
         for step in range(STEPS):
             ps, ss = _batch(step, 0, len(PROMPTS))
-            draft_step(engine, gen, reward, ps, ss, _sampler(), DraftConfig(k=1), step)
+            draft_step(
+                engine, gen, {"reward": (1.0, reward)}, ps, ss, _sampler(), DraftConfig(k=1), step
+            )
         return init, lora_state_dict(gen.transformer)
     finally:
         torch.set_num_threads(n)

@@ -60,8 +60,8 @@ def test_sigkill_driver_then_resume_skips_a_corrupt_checkpoint(ray_local, mlflow
         "eval_rewards=[]",
         f"train.max_steps={STEPS}",
         "train.eval_every=100",
-        "train.checkpoint_every=1",
-        "train.keep_checkpoints=3",
+        "checkpoint.every=1",
+        "checkpoint.keep=3",
         "mlflow.experiment=faults",
         "mlflow.register_as=null",
     ]
@@ -116,7 +116,7 @@ def _finetune(runs, *overrides) -> list[str]:
         "policy.sampler.height=32",
         "policy.sampler.width=32",
         "prompts.synthetic_eval=2",
-        "workers.num_workers=1",
+        "scaling.num_workers=1",
         "train.eval_every=100",
         *overrides,
     ]
@@ -134,7 +134,7 @@ def test_ctrl_c_then_resume_reports_the_whole_run_and_refuses_once_checkpoints_a
     args = _finetune(
         runs,
         f"train.max_steps={STEPS}",
-        "train.checkpoint_every=2",
+        "checkpoint.every=2",
         "mlflow.experiment=ctrl-c",
         "mlflow.register_as=ctrl-c-policy",
     )
@@ -202,7 +202,7 @@ def test_worker_dying_past_the_rebuild_limit_ends_in_one_line_with_the_resume_co
         tmp_path / "runs",
         dying,
         "eval_rewards=[]",
-        "workers.max_rebuilds=0",
+        "scaling.max_failures=0",
         "train.max_steps=3",
         "mlflow.experiment=dying",
         "mlflow.register_as=null",
@@ -222,7 +222,7 @@ def test_worker_dying_past_the_rebuild_limit_ends_in_one_line_with_the_resume_co
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(
         f"error: run {run_id} failed after step 0: RuntimeError: generator group failed 1 "
-        "times (workers.max_rebuilds=0): generator worker failed:"
+        "times (scaling.max_failures=0): generator worker failed:"
     ), last
     assert last.endswith(
         f"; resume with: MLFLOW_TRACKING_URI={shlex.quote(mlflow_store)} "
@@ -246,7 +246,7 @@ def test_mlflow_going_away_mid_run_ends_in_one_line_with_the_resume_command(ray_
         runs,
         "eval_rewards=[]",
         "train.max_steps=50",
-        "train.checkpoint_every=2",
+        "checkpoint.every=2",
         "mlflow.experiment=gone",
         "mlflow.register_as=null",
     )

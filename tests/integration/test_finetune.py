@@ -12,10 +12,10 @@ from mlflow import MlflowClient
 from actors.coordinator import Coordinator, RunStopped, checkpoint_folders, verify_checkpoint
 from actors.generator_worker import GeneratorWorker
 from actors.reward_client import RewardClient
-from actors.run_config import RunConfig
 from rewards.handles import LocalReward
 from rewards.registry import RewardSpec, build_reward
 from rlhf.config import load_config
+from rlhf.run_config import RunConfig
 from tests.integration.conftest import ROOT
 
 pytestmark = pytest.mark.integration
@@ -45,7 +45,7 @@ def test_quickstart_config_end_to_end_with_a_dead_server_and_a_dead_worker(
         tmp_path,
         "train.max_steps=5",
         "train.eval_every=2",
-        "train.checkpoint_every=2",
+        "checkpoint.every=2",
         "mlflow.register_as=test-policy",
     )
     killed = {}
@@ -128,10 +128,10 @@ def test_non_finite_rewards_are_skipped_then_stop_the_run(ray_local, mlflow_stor
         tmp_path,
         reward,
         "eval_rewards=[]",
-        "workers.num_workers=1",
+        "scaling.num_workers=1",
         "train.max_steps=20",
         "train.eval_every=100",
-        "train.checkpoint_every=100",
+        "checkpoint.every=100",
         "train.max_bad_steps=3",
         "mlflow.register_as=null",
     )
@@ -161,7 +161,7 @@ def test_refl_mode_end_to_end(ray_local, mlflow_store, tmp_path):
         "eval_rewards=[]",
         "train.max_steps=3",
         "train.eval_every=3",
-        "train.checkpoint_every=3",
+        "checkpoint.every=3",
         "mlflow.register_as=null",
     )
     s = Coordinator(cfg, progress=False).run()
@@ -198,7 +198,7 @@ def test_refl_against_imagereward_from_a_server_colocated_and_in_eval(
         f"eval_rewards=[{{{ir}}}]",
         "train.max_steps=2",
         "train.eval_every=2",
-        "train.checkpoint_every=2",
+        "checkpoint.every=2",
         "mlflow.register_as=null",
     )
     cfg.check_inputs()  # as `rlhf finetune` does

@@ -11,11 +11,11 @@ from rewards.training import (
     LabelConfig,
     LossConfig,
     Objective,
-    RewardTrainConfig,
     build_model,
     make_dataset,
     make_train_loader,
 )
+from rlhf.run_config import RewardTrainConfig
 from tests.integration.conftest import free_port
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from rewards.training import OptimConfig, RewardTrainConfig, ScalingConfig, make_optimizer
+from rewards.training import OptimConfig, make_optimizer
+from rlhf.run_config import RewardScalingConfig, RewardTrainConfig
 from rlhf.train_reward import DS_TAG, deepspeed_engine
 
 pytestmark = pytest.mark.integration
@@ -47,7 +48,7 @@ def one_rank(monkeypatch):
 def _engine(resume_from=None):
     torch.manual_seed(0)
     cfg = RewardTrainConfig(
-        optim=OptimConfig(lr=1e-2, batch_size=2), scaling=ScalingConfig(strategy="deepspeed")
+        optim=OptimConfig(lr=1e-2, batch_size=2), scaling=RewardScalingConfig(strategy="deepspeed")
     )
     module = nn.Linear(4, 1)
     opt, sched = make_optimizer(cfg.optim, module.parameters(), 10)

@@ -10,11 +10,11 @@ import ray
 import torch
 
 from actors.direct_transport import TransportUnavailable
-from actors.options import ActorResources
 from actors.reward_client import RewardClient
-from actors.server_config import ServerConfig
 from rewards.handles import LocalReward
 from rewards.registry import RewardSpec, build_reward, save_reward
+from rlhf.resources import ActorResources
+from rlhf.run_config import ServerConfig
 
 pytestmark = pytest.mark.integration
 TINY = {"backbone": "tiny"}

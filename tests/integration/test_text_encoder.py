@@ -8,13 +8,13 @@ import ray
 import torch
 
 from actors.generator_worker import WorkerGroup
-from actors.options import ActorResources
-from actors.run_config import RunConfig
 from actors.text_encoder import TextEncoderClient, start_text_encoder
 from rewards.registry import build_reward
 from rlhf.config import load_config
 from rlhf.draft import DraftConfig, rollout_images, score_and_grad, surrogate_loss
 from rlhf.generator import FinetuneConfig, GeneratorConfig, load_generator
+from rlhf.resources import ActorResources
+from rlhf.run_config import RunConfig
 from rlhf.sampler import SamplerConfig
 from tests.integration.test_finetune import QUICKSTART, SMALL
 
@@ -98,11 +98,11 @@ def test_worker_group_steps_with_the_text_encoder_actor(ray_local, tmp_path):
             [
                 *SMALL,
                 f"output_dir={tmp_path / mode}",
-                "workers.num_workers=1",
+                "scaling.num_workers=1",
                 "rewards=[{name: hp, weight: 1.0, placement: colocated, options: {backbone: tiny}}]",
                 "eval_rewards=[]",
                 f"policy.generator.text_encoders={mode}",
-                "workers.text_encoder.num_cpus=0",
+                "text_encoder.resources.num_cpus=0",
             ],
         )
         group = WorkerGroup(cfg, {}).start()

@@ -5,15 +5,8 @@ import torch
 from mlflow import MlflowClient
 
 from rewards.registry import build_reward
-from rewards.training import (
-    CheckpointConfig,
-    DataConfig,
-    FreezeConfig,
-    MlflowConfig,
-    OptimConfig,
-    RewardTrainConfig,
-    ScalingConfig,
-)
+from rewards.training import DataConfig, FreezeConfig, OptimConfig
+from rlhf.run_config import CheckpointConfig, MlflowConfig, RewardScalingConfig, RewardTrainConfig
 from rlhf.train_reward import run_job
 from tests.unit.test_imagereward import ranked_frame
 
@@ -34,8 +27,9 @@ def test_imagereward_job_on_ranked_images_registers_a_model(tmp_path, ray_local,
         ),
         freeze=FreezeConfig(text_fraction=0.7, vision_fraction=0.7),
         optim=OptimConfig(lr=1e-3, batch_size=8, epochs=1),
-        scaling=ScalingConfig(num_workers=2),
-        checkpoint=CheckpointConfig(keep=1, storage_path=str(tmp_path / "runs")),
+        scaling=RewardScalingConfig(num_workers=2),
+        checkpoint=CheckpointConfig(keep=1),
+        output_dir=str(tmp_path / "runs"),
         mlflow=MlflowConfig(experiment="test"),
         eval_every=2,
     ).validate()

@@ -1,52 +1,50 @@
 """Reward training as a real 2-worker Ray Train job against real MLflow stores."""
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from mlflow import MlflowClient
 
 from rewards.registry import build_reward
-from rewards.training import (
-    CheckpointConfig,
-    DataConfig,
-    LabelConfig,
-    MlflowConfig,
-    Objective,
-    OptimConfig,
-    RewardTrainConfig,
-    ScalingConfig,
-    build_model,
-    make_dataset,
-)
+from rewards.training import Objective, build_model, make_dataset
+from rlhf.config import load_config
+from rlhf.run_config import RewardTrainConfig
 from rlhf.train_reward import run_job
 from tests.integration.conftest import free_port
 
 pytestmark = pytest.mark.integration
 TINY = {"backbone": "tiny"}
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-def _cfg(tmp_path, kind="ict", name=None, **kw):
-    return RewardTrainConfig(
-        name=name or f"{kind}-test",
-        kind=kind,
-        model=kw.pop("model", {"options": TINY}),
-        data=DataConfig(
-            synthetic_train=kw.pop("n_train", 128),
-            synthetic_eval=32,
-            image_size=32,
-            cache_dir=str(tmp_path / "data"),
-        ),
-        labels=LabelConfig(source="rule"),
-        optim=OptimConfig(lr=1e-3, batch_size=kw.pop("batch_size", 16), epochs=1),
-        scaling=ScalingConfig(
-            num_workers=kw.pop("num_workers", 2), strategy=kw.pop("strategy", "ddp")
-        ),
-        checkpoint=CheckpointConfig(keep=2, storage_path=str(tmp_path / "runs")),
-        mlflow=MlflowConfig(experiment="test"),
-        eval_every=kw.pop("eval_every", 2),
+def _cfg(tmp_path, kind="ict", name=None, model=None, n_train=128, batch_size=16, **kw):
+    """``configs/reward_<kind>.yaml`` at test size; ``kw``: more ``key=value`` overrides."""
+    overrides = {
+        "name": name or f"{kind}-test",
+        "data.synthetic_train": n_train,
+        "data.synthetic_eval": 32,
+        "data.image_size": 32,
+        "data.cache_dir": str(tmp_path / "data"),
+        "optim.batch_size": batch_size,
+        "optim.epochs": 1,
+        "optim.warmup_steps": 0,
+        "scaling.num_workers": kw.pop("num_workers", 2),
+        "scaling.strategy": kw.pop("strategy", "ddp"),
+        "output_dir": str(tmp_path / "runs"),
+        "mlflow.experiment": "test",
+        "eval_every": kw.pop("eval_every", 2),
         **kw,
-    ).validate()
+    }
+    if model is not None:
+        overrides["model"] = json.dumps(model)
+    return load_config(
+        RewardTrainConfig,
+        CONFIGS / f"reward_{kind}.yaml",
+        [f"{k}={v}" for k, v in overrides.items()],
+    )
 
 
 def _images_and_prompts(cfg):

@@ -1,10 +1,12 @@
-"""ActorResources validation and the actor options it turns into (no Ray needed)."""
+"""ActorResources and ScalingConfig validation and the actor options they turn into (no Ray
+needed)."""
 
 import re
 
 import pytest
 
-from actors.options import ActorResources, actor_options
+from actors.options import actor_options
+from rlhf.resources import ActorResources, ScalingConfig
 
 
 def test_defaults_give_ray_options():
@@ -70,8 +72,8 @@ def test_invalid_values_name_the_key(kwargs, key):
 
 
 def test_validation_uses_the_config_path():
-    with pytest.raises(ValueError, match=r"workers\.resources\.num_gpus=-1"):
-        ActorResources(num_gpus=-1).validate("workers.resources")
+    with pytest.raises(ValueError, match=r"reward_server\.resources\.num_gpus=-1"):
+        ActorResources(num_gpus=-1).validate("reward_server.resources")
 
 
 def test_fractional_and_whole_shares_are_accepted():
@@ -85,7 +87,7 @@ def test_extra_options_cannot_override_resources():
 
 
 def test_server_config_validation_names_the_key():
-    from actors.server_config import ServerConfig
+    from rlhf.run_config import ServerConfig
 
     ServerConfig().validate()
     for kwargs, key in [
@@ -97,3 +99,36 @@ def test_server_config_validation_names_the_key():
     ]:
         with pytest.raises(ValueError, match=key.replace(".", r"\.")):
             ServerConfig(**kwargs).validate()
+
+
+def test_scaling_config_becomes_a_worker_actor_and_ray_train_resources():
+    cpu = ScalingConfig(num_workers=2, cpus_per_worker=2, resources_per_worker={"node:a": 0.1})
+    cpu.validate()
+    assert cpu.ray_resources() == {"CPU": 2, "node:a": 0.1}
+    assert actor_options(cpu.actor_resources()) == {
+        "num_cpus": 2,
+        "num_gpus": 0,
+        "max_restarts": 0,  # max_failures restarts the group, not Ray the actor
+        "max_task_retries": 0,
+        "resources": {"node:a": 0.1},
+    }
+    gpu = ScalingConfig(use_gpu=True)
+    assert gpu.gpus == 1 and gpu.ray_resources() == {"CPU": 1, "GPU": 1}
+    assert ScalingConfig(use_gpu=True, gpus_per_worker=0.5).actor_resources().num_gpus == 0.5
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"num_workers": 0}, "scaling.num_workers"),
+        ({"cpus_per_worker": -1}, "scaling.cpus_per_worker"),
+        ({"cpus_per_worker": 1.5}, "scaling.cpus_per_worker"),
+        ({"gpus_per_worker": 1}, "scaling.gpus_per_worker"),  # without use_gpu
+        ({"max_failures": -2}, "scaling.max_failures"),
+        ({"resources_per_worker": {"GPU": 1}}, "scaling.resources_per_worker.GPU"),
+        ({"resources_per_worker": {"x": -1}}, "scaling.resources_per_worker.x"),
+    ],
+)
+def test_scaling_config_names_the_key(kwargs, key):
+    with pytest.raises(ValueError, match="^" + re.escape(key) + r"\b"):
+        ScalingConfig(**kwargs).validate()

@@ -25,16 +25,16 @@ GPU_GIB = {"p4d.24xlarge": 40, "p4de.24xlarge": 80, "p5.48xlarge": 80}
 
 
 def test_generator_gpus_fit_the_sd35_config_and_output_dir_is_mounted_everywhere():
-    from actors.run_config import RunConfig
     from bench.memory_model import table
     from rlhf.config import load_config
+    from rlhf.run_config import RunConfig
 
     config = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
     gen = config["available_node_types"]["gpu_generator"]
     gpu_gib = GPU_GIB[gen["node_config"]["InstanceType"]]
     run = load_config(RunConfig, ROOT / "configs" / "sd35_large_turbo_ict_hp.yaml")
     p = run.policy
-    _, rows = table(batches=(run.workers.batch_size,), ks=(p.draft.k,), px=p.sampler.height)
+    _, rows = table(batches=(run.train.batch_size,), ks=(p.draft.k,), px=p.sampler.height)
     (row,) = [
         r
         for r in rows

@@ -2,19 +2,19 @@ from pathlib import Path
 
 import pytest
 
-from rewards.training import RewardTrainConfig
 from rlhf.cli import main
 from rlhf.config import ConfigError, flatten, load_config, parse_overrides
+from rlhf.run_config import RewardTrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-@pytest.mark.parametrize("name", ["reward_ict.yaml", "reward_hp.yaml"])
-def test_reward_configs_load_and_start_with_a_comment(name):
-    path = CONFIGS / name
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("reward_*.yaml")), ids=lambda p: p.name)
+def test_reward_configs_load_and_start_with_a_comment(path):
     assert path.read_text().startswith("#")
     cfg = load_config(RewardTrainConfig, path)
-    assert cfg.kind in ("ict", "hp")
+    assert cfg.kind in ("ict", "hp", "imagereward")
+    assert cfg.checkpoint.every % cfg.eval_every == 0
 
 
 def test_overrides_parse_yaml_values():
@@ -40,6 +40,13 @@ def test_overrides_parse_yaml_values():
         ("data.train=/no/such.parquet", "data.train"),
         ("model={name: x}", "model"),
         ("scaling.use_gpu=maybe", "scaling.use_gpu"),
+        ("scaling.strategy=fsdp", "scaling.strategy"),
+        ("scaling.zero_stage=4", "scaling.zero_stage"),
+        ("scaling.cpus_per_worker=-1", "scaling.cpus_per_worker"),
+        ("scaling.max_failures=-2", "scaling.max_failures"),
+        ("checkpoint.keep=0", "checkpoint.keep"),
+        ("checkpoint.every=40", "checkpoint.every"),  # not a multiple of eval_every=32
+        ("name=a/b", "name"),
         ("labels.source=teacher", "labels.teacher"),
         ("loss.icthp_weight=1.0", "ict_model"),
     ],

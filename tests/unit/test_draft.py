@@ -268,7 +268,7 @@ def test_refl_gradient_equals_hand_written_one_step_reference():
     ):
         gen.transformer.zero_grad(set_to_none=True)
         engine = _GradRecordingEngine(gen.transformer, EngineConfig(lr=1e-12))
-        m = draft_step(engine, gen, reward, PROMPTS, SEEDS, SAMPLER, cfg, step=7)
+        m = draft_step(engine, gen, {"reward": (1.0, reward)}, PROMPTS, SEEDS, SAMPLER, cfg, step=7)
         assert m["refl_step"] == i and "k" not in m
         assert m["loss"] == pytest.approx(ref_loss, rel=1e-5)
         _assert_grads_close(engine.grads, ref, rtol=1e-4, atol=1e-9)
@@ -351,7 +351,16 @@ def test_draft_k_raises_ict_hp_reward_on_held_out_prompts():
     rewards = []
     for step in range(30):
         ps = [train[(2 * step) % 6], train[(2 * step + 1) % 6]]
-        m = draft_step(engine, gen, reward, ps, [2 * step, 2 * step + 1], SAMPLER, draft, step)
+        m = draft_step(
+            engine,
+            gen,
+            {"reward": (1.0, reward)},
+            ps,
+            [2 * step, 2 * step + 1],
+            SAMPLER,
+            draft,
+            step,
+        )
         assert m["k"] == 2 and m["grad_norm"] > 0
         rewards.append(m["reward"])
     after = _mean_reward(gen, reward, held, held_seeds)
@@ -367,14 +376,21 @@ def test_anchor_and_draft_lv_steps_run():
     reward = _reward()
     engine = PlainEngine(gen.transformer, EngineConfig(lr=1e-2))
     m = draft_step(
-        engine, gen, reward, PROMPTS, SEEDS, SAMPLER, DraftConfig(k=1, lv_n=2, anchor_weight=1.0)
+        engine,
+        gen,
+        {"reward": (1.0, reward)},
+        PROMPTS,
+        SEEDS,
+        SAMPLER,
+        DraftConfig(k=1, lv_n=2, anchor_weight=1.0),
     )
     # LoRA B is random, so the adapted model differs from the LoRA-disabled reference.
     assert m["anchor"] > 0 and m["k"] == 1
     assert all(torch.isfinite(torch.tensor(v)) for v in m.values())
     uniform = DraftConfig(k=3, k_mode="uniform", k_min=1, seed=5)
     ks = {
-        draft_step(engine, gen, reward, PROMPTS, SEEDS, SAMPLER, uniform, s)["k"] for s in range(6)
+        draft_step(engine, gen, {"reward": (1.0, reward)}, PROMPTS, SEEDS, SAMPLER, uniform, s)["k"]
+        for s in range(6)
     }
     assert ks <= {1.0, 2.0, 3.0} and len(ks) > 1
 
@@ -387,7 +403,9 @@ def test_exported_lora_loads_into_diffusers_and_reproduces_samples(tmp_path):
     engine = PlainEngine(gen.transformer, EngineConfig(lr=3e-2))
     reward = _reward()
     for step in range(3):
-        draft_step(engine, gen, reward, PROMPTS, SEEDS, SAMPLER, DraftConfig(k=2), step)
+        draft_step(
+            engine, gen, {"reward": (1.0, reward)}, PROMPTS, SEEDS, SAMPLER, DraftConfig(k=2), step
+        )
     ours = sample(gen.transformer, gen, PROMPTS, SEEDS, SAMPLER)
 
     out = export_lora(engine, tmp_path / "lora")

@@ -17,8 +17,6 @@ from rewards.training import (
     DataConfig,
     Objective,
     OptimConfig,
-    RewardTrainConfig,
-    ScalingConfig,
     build_model,
     evaluate_model,
     make_dataset,
@@ -26,6 +24,7 @@ from rewards.training import (
 )
 from rewards.training import run_training as run_plain
 from rlhf import cli
+from rlhf.run_config import RewardScalingConfig, RewardTrainConfig
 from tests.unit.test_cli import restore_console  # noqa: F401 (a fixture)
 
 TINY = {"name": "imagereward", "options": {"size": "tiny"}}
@@ -300,7 +299,7 @@ def test_plain_training_on_ranked_data_learns(tmp_path):
             image_size=32,
         ),
         optim=OptimConfig(lr=3e-3, batch_size=8, epochs=8),
-        scaling=ScalingConfig(num_workers=1),
+        scaling=RewardScalingConfig(num_workers=1),
         eval_every=16,
     ).validate()
     torch.manual_seed(0)

@@ -5,10 +5,10 @@ per-prompt cache that gives the pipeline's own embeddings, and their config erro
 import pytest
 import torch
 
-from actors.run_config import RunConfig
 from rlhf.config import ConfigError, load_config
 from rlhf.generator import GeneratorConfig, load_generator
 from rlhf.prompt_encoder import PromptEncoder, load_text_encoders
+from rlhf.run_config import RunConfig
 from tests.unit.test_run_config import QUICKSTART
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -95,7 +95,7 @@ def test_generator_without_text_encoders_says_what_is_missing():
     [
         ("policy.generator.text_encoders=remote", "policy.generator.text_encoders"),
         ("policy.generator.vae_gradient_checkpointing=maybe", "vae_gradient_checkpointing"),
-        ("workers.text_encoder.num_gpus=-1", "workers.text_encoder.num_gpus"),
+        ("text_encoder.resources.num_gpus=-1", "text_encoder.resources.num_gpus"),
     ],
 )
 def test_bad_memory_switches_name_the_key(override, key):

@@ -1,14 +1,15 @@
-"""The fine-tuning run config: every shipped config loads; bad input names its key and
-exits non-zero before Ray starts."""
+"""The run schemas: every shipped config loads; bad input names its key and exits non-zero
+before Ray starts; a renamed key names its new place."""
 
 from pathlib import Path
 
 import pytest
 
-from actors.run_config import RunConfig
 from rlhf.cli import main
 from rlhf.config import ConfigError, load_config
 from rlhf.prompts import read_prompts, step_batch
+from rlhf.run_config import RewardTrainConfig, RunConfig
+from tests.unit.test_cli import restore_console  # noqa: F401 (a fixture)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 QUICKSTART = CONFIGS / "quickstart.yaml"
@@ -16,8 +17,6 @@ QUICKSTART = CONFIGS / "quickstart.yaml"
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
-    from rewards.training import RewardTrainConfig
-
     cls = RewardTrainConfig if path.name.startswith("reward_") else RunConfig
     cfg = load_config(cls, path)
     assert cfg is not None
@@ -40,13 +39,19 @@ def test_paper_config_is_the_paper_setting():
         ("rewards=[{name: hp, weight: -1}]", "rewards[0].weight"),
         ("rewards=[{name: hp, placement: moon}]", "rewards[0].placement"),
         ("rewards=[]", "rewards"),
-        ("workers.num_workers=0", "workers.num_workers"),
+        ("scaling.num_workers=0", "scaling.num_workers"),
+        ("scaling.gpus_per_worker=1", "scaling.gpus_per_worker=1.0 needs scaling.use_gpu=true"),
+        ("scaling.resources_per_worker={CPU: 2}", "scaling.cpus_per_worker"),
+        ("scaling.max_failures=-2", "scaling.max_failures"),
+        ("checkpoint.keep=0", "checkpoint.keep"),
+        ("checkpoint.every=0", "checkpoint.every"),
+        ("train.batch_size=0", "train.batch_size"),
         ("train.max_steps=0", "train.max_steps"),
         ("prompts.train=/missing.txt", "prompts.train"),
         ("policy.generator.attention=flash9", "policy.generator.attention"),
         ("policy.sampler.height=30", "policy.sampler.height"),
         ("reward_server.max_batch_size=0", "reward_server.max_batch_size"),
-        ("workers.resources.num_gpus=-1", "workers.resources.num_gpus"),
+        ("text_encoder.resources.num_gpus=-1", "text_encoder.resources.num_gpus"),
         ("train.bogus=1", "train.bogus"),
         ("policy.draft.mode=reinforce", "policy.draft.mode"),
         ("policy.draft.refl_steps=[2, 4]", "policy.draft.refl_steps"),  # hi >= steps
@@ -60,6 +65,84 @@ def test_paper_config_is_the_paper_setting():
 def test_bad_config_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
         load_config(RunConfig, QUICKSTART, [override])
+
+
+# Old keys fail loudly with the new place, never silently ignored (both schemas, same words).
+RENAMED = [
+    (RunConfig, QUICKSTART, "workers.num_workers=2", "scaling.num_workers"),
+    (RunConfig, QUICKSTART, "workers.batch_size=2", "train.batch_size"),
+    (RunConfig, QUICKSTART, "workers.resources.num_cpus=1", "scaling.cpus_per_worker"),
+    (RunConfig, QUICKSTART, "workers.resources.max_restarts=0", "scaling.max_failures"),
+    (RunConfig, QUICKSTART, "workers.max_rebuilds=0", "scaling.max_failures"),
+    (RunConfig, QUICKSTART, "workers.text_encoder.num_cpus=0", "text_encoder.resources"),
+    (RunConfig, QUICKSTART, "train.keep_checkpoints=3", "checkpoint.keep"),
+    (RunConfig, QUICKSTART, "train.checkpoint_every=5", "checkpoint.every"),
+    (RewardTrainConfig, CONFIGS / "reward_ict.yaml", "checkpoint.storage_path=/x", "output_dir"),
+]
+
+
+@pytest.mark.parametrize("cls, path, override, new", RENAMED, ids=lambda x: str(x)[:40])
+def test_a_renamed_key_names_its_new_place(cls, path, override, new):
+    with pytest.raises(ConfigError, match=f"renamed, use {new}") as e:
+        load_config(cls, path, [override])
+    assert override.startswith(str(e.value).split(": renamed")[0])  # names the old key
+
+
+@pytest.mark.usefixtures("restore_console")
+def test_cli_refuses_an_old_key_with_exit_2_before_ray(capsys, monkeypatch):
+    import ray
+
+    def no_ray(*a, **k):
+        raise AssertionError("ray.init called for a bad config")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    assert main(["finetune", str(QUICKSTART), "train.keep_checkpoints=3"]) == 2
+    assert "train.keep_checkpoints: renamed, use checkpoint.keep" in capsys.readouterr().err
+    reward = str(CONFIGS / "reward_hp.yaml")
+    assert main(["train-reward", reward, "checkpoint.storage_path=/tmp/x"]) == 2
+    assert "checkpoint.storage_path: renamed, use output_dir" in capsys.readouterr().err
+
+
+def test_both_schemas_share_the_common_sections():
+    from rlhf.resources import ScalingConfig
+    from rlhf.run_config import CheckpointConfig, MlflowConfig
+
+    fine = load_config(RunConfig, QUICKSTART)
+    reward = load_config(RewardTrainConfig, CONFIGS / "reward_ict.yaml")
+    for cfg in (fine, reward):
+        assert isinstance(cfg.scaling, ScalingConfig)
+        assert isinstance(cfg.checkpoint, CheckpointConfig)
+        assert isinstance(cfg.mlflow, MlflowConfig)
+    # checkpoint.every: null means at every evaluation.
+    assert load_config(RunConfig, QUICKSTART, ["checkpoint.every=null"]).checkpoint.every == 10
+    assert reward.checkpoint.every == reward.eval_every
+    with pytest.raises(ConfigError, match="checkpoint.every=20 must be a multiple of eval_every"):
+        load_config(RewardTrainConfig, CONFIGS / "reward_ict.yaml", ["checkpoint.every=20"])
+    gpu = load_config(RunConfig, CONFIGS / "sd35_large_turbo_ict_hp.yaml").scaling
+    assert gpu.actor_resources().num_gpus == 1 and gpu.ray_resources() == {"CPU": 8, "GPU": 1}
+    assert fine.global_batch == fine.scaling.num_workers * fine.train.batch_size
+
+
+def test_library_layers_never_import_the_actor_shells():
+    """Imports point one way: ``rewards`` <- ``rlhf`` <- ``actors``; the entry points (the CLI
+    and the quickstart) sit on top."""
+    import ast
+
+    root = CONFIGS.parent
+    entry = {root / "rlhf" / "cli.py", root / "rlhf" / "quickstart.py"}
+    bad = []
+    for layer, above in (("rewards", ("rlhf", "actors")), ("rlhf", ("actors",))):
+        for path in (root / layer).rglob("*.py"):
+            if path in entry:
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module]
+                bad += [f"{path.relative_to(root)}: {n}" for n in names if n.split(".")[0] in above]
+    assert bad == []
 
 
 def test_refl_mode_validates_and_ignores_k():
@@ -81,6 +164,7 @@ def test_negative_weights_only_when_allowed():
     assert cfg.reward_specs()[0].weight == -1
 
 
+@pytest.mark.usefixtures("restore_console")
 def test_cli_finetune_bad_input_exits_2_before_ray(tmp_path, capsys, monkeypatch):
     import ray
 

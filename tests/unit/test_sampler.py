@@ -1,9 +1,12 @@
 """The SD3 generator and the flow-matching Euler sampler against diffusers, on the tiny SD3."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from rlhf.config import load_config
 from rlhf.generator import (
     FinetuneConfig,
     GeneratorConfig,
@@ -12,6 +15,7 @@ from rlhf.generator import (
     set_attention_backend,
 )
 from rlhf.policy_config import PolicyConfig
+from rlhf.run_config import RunConfig
 from rlhf.sampler import SamplerConfig, sample, schedule, seeded_generators
 from rlhf.tokenizers import build_clip_tokenizer
 
@@ -20,11 +24,17 @@ SEEDS = [3, 4]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+
+
+def tiny_policy() -> PolicyConfig:
+    """The quickstart's policy: the tiny SD3 on a CPU (64 px, 4 steps, K=2)."""
+    return load_config(RunConfig, QUICKSTART).policy
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = PolicyConfig.tiny()
+    cfg = tiny_policy()
     return load_generator(cfg.generator, None, "cpu"), cfg.sampler
 
 
@@ -157,7 +167,7 @@ def test_missing_model_is_a_clear_error(tmp_path):
     ],
 )
 def test_policy_config_errors_name_the_key(change, message):
-    cfg = PolicyConfig.tiny()
+    cfg = tiny_policy()
     for section, values in change.items():
         for key, value in values.items():
             setattr(getattr(cfg, section), key, value)
@@ -176,7 +186,7 @@ def test_zero3_keeps_deepspeed_defaults_unless_set():
 
 
 def test_presets_validate():
-    PolicyConfig.tiny().validate()
+    tiny_policy().validate()
     paper = PolicyConfig()  # the defaults are the paper's GPU setting
     paper.validate()
     assert paper.generator.model == "stabilityai/stable-diffusion-3.5-large-turbo"

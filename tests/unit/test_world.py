@@ -95,20 +95,21 @@ def test_world_builds_at_toy_scale_and_loads_as_a_generator(tmp_path, one_torch_
     assert gen.transformer.config.in_channels == 4
     # The fine-tuning experiment runs on a built world (two DRaFT-K steps against its CLIP;
     # its ICT names the shipped CLIP, `backbone: world`, so it is for a shipped build).
-    from rlhf.world.experiments import WorldFinetune, finetune_world
+    from rewards.world.judge import Judge
+    from rlhf.world.experiments import finetune_world, world_config
     from rlhf.world.triplets import world_backbone
 
     assert json.loads((out / "ict" / "reward.json").read_text())["options"] == {"backbone": "world"}
-    run = finetune_world(
-        WorldFinetune(
-            rewards=[{"name": "clip", "options": {"backbone": world_backbone(out)}}],
-            steps=2,
-            batch_size=2,
-            sample_steps=2,
-            eval_prompts=6,
-            world_dir=str(out),
-        )
+    clip = {"name": "clip", "options": {"backbone": world_backbone(out)}}
+    cfg = world_config(
+        f"rewards={json.dumps([clip])}",
+        "train.max_steps=2",
+        "train.batch_size=2",
+        "policy.sampler.steps=2",
+        "prompts.synthetic_eval=6",
+        f"policy.generator.model={out / 'sd3'}",
     )
+    run = finetune_world(cfg, judge=Judge.load(out / "judge"))
     assert len(run["train"]) == 2 and all(np.isfinite(m["loss"]) for m in run["train"])
     assert set(run["after"]) == set(run["before"]) >= {"geneval_mini", "jpeg_ratio"}
     assert run["images"][1].shape == (6, 3, 64, 64)
@@ -153,8 +154,8 @@ def test_shipped_clip_and_judge_read_renders():
 
 
 def test_geneval_mini_is_refused_as_a_training_reward():
-    from actors.run_config import RunConfig
     from rlhf.config import load_config
+    from rlhf.run_config import RunConfig
 
     world_yaml = world.ASSETS.parents[2] / "configs" / "world.yaml"
     with pytest.raises(ValueError, match=r"rewards\[0\]\.name=geneval_mini is an evaluator"):
@@ -174,10 +175,16 @@ ICT_STEPS, ICT_LR, ICT_MARGIN = 60, 1e-3, 0.08
 @pytest.mark.slow
 def test_finetuning_the_world_generator_raises_the_held_out_ict(one_torch_thread):
     from rewards.registry import build_reward
-    from rlhf.world.experiments import WorldFinetune, finetune_world
+    from rlhf.world.experiments import finetune_world, world_config
 
     ict = {"name": "ict", "checkpoint": str(world.ASSETS / "ict")}
-    cfg = WorldFinetune(rewards=[ict], steps=ICT_STEPS, lr=ICT_LR, batch_size=8, eval_prompts=48)
+    cfg = world_config(
+        f"rewards={json.dumps([ict])}",
+        f"train.max_steps={ICT_STEPS}",
+        f"policy.engine.lr={ICT_LR}",
+        "train.batch_size=8",
+        "prompts.synthetic_eval=48",
+    )
     out = finetune_world(cfg, scorers={"ict": build_reward(ict)})
     before, after = out["before"], out["after"]
     print(

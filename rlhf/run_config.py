@@ -1,0 +1,424 @@
+"""The run schemas: one validated YAML each for ``rlhf train-reward`` (:class:`RewardTrainConfig`)
+and ``rlhf finetune`` (:class:`RunConfig`), with the same sections and words for what both
+have: ``scaling`` (the worker group, Ray Train's words: :class:`~rlhf.resources.ScalingConfig`),
+``checkpoint`` (``every``, ``keep``) and ``mlflow`` (``experiment``, ``register_as``,
+``tracking_uri``).
+
+Fine-tuning also has ``policy`` (generator, finetune, sampler, draft, engine:
+:class:`PolicyConfig`), ``rewards`` (the optimised reward: a list of ``{name, weight,
+checkpoint, placement, options}``), ``eval_rewards`` (scored at evaluation only), ``prompts``,
+``reward_server``, ``text_encoder`` and ``train`` (steps, batch, evaluation, stopping rules).
+Every error names its key path; a key that was renamed names its new place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from rewards.data import is_ranked_file
+from rewards.errors import ConfigError
+from rewards.registry import EVAL_ONLY, RewardSpec
+from rewards.training import (
+    KINDS,
+    DataConfig,
+    FreezeConfig,
+    LabelConfig,
+    LossConfig,
+    OptimConfig,
+)
+from rlhf.policy_config import PolicyConfig
+from rlhf.resources import ActorResources, ScalingConfig
+
+PROMPT_SUFFIXES = (".txt", ".parquet", ".csv", ".jsonl")
+
+
+@dataclass
+class CheckpointConfig:
+    """``every``: checkpoint every this many steps and at the end (null: at every evaluation;
+    set when the config is validated); ``keep``: how many of the newest are kept."""
+
+    every: int | None = None
+    keep: int = 2
+
+    def validate(self, eval_every: int, path: str = "checkpoint") -> None:
+        if self.every is None:
+            self.every = eval_every
+        for key in ("every", "keep"):
+            v = getattr(self, key)
+            if v < 1:
+                raise ValueError(f"{path}.{key}={v} must be >= 1")
+
+
+@dataclass
+class MlflowConfig:
+    """``tracking_uri`` null: ``MLFLOW_TRACKING_URI``, else the embedded store in the working
+    directory. ``experiment``: where runs are logged; ``register_as``: the registered model
+    name of the trained model (see each schema for null)."""
+
+    experiment: str = "default"
+    register_as: str | None = None
+    tracking_uri: str | None = None
+
+
+def ray_job_submission_id() -> str | None:
+    """The submission id when this process is the entrypoint of a ``ray job submit`` (Ray
+    hands the entrypoint its job config in ``RAY_JOB_CONFIG_JSON_ENV_VAR``); else None."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        meta = json.loads(raw).get("metadata") or {}
+    except (ValueError, AttributeError):
+        meta = {}
+    return meta.get("job_submission_id") or "(unknown id)"
+
+
+def check_run_location(name: str, output_dir: str) -> None:
+    """``name`` names a folder under ``output_dir``; inside a Ray job ``output_dir`` must be
+    absolute."""
+    if not name or "/" in name:
+        raise ValueError(f"name={name!r} must be a non-empty name without '/'")
+    job = ray_job_submission_id()
+    if job and not Path(output_dir).is_absolute():
+        # A job's working directory is Ray's temporary copy of --working-dir, removed with
+        # the job: checkpoints written there could never be resumed.
+        raise ValueError(
+            f"output_dir={output_dir!r} is relative, and this is Ray job {job}: it would land "
+            "in the job's temporary working directory and be lost; give an absolute path on "
+            "storage every node sees"
+        )
+
+
+@dataclass
+class PromptsConfig:
+    """Training and held-out prompts: ``synthetic`` (the procedural grammar of the synthetic
+    triplets), ``world`` (the miniature world's easy prompts, GenEval's categories in turn;
+    ``synthetic_train``/``synthetic_eval`` set the counts) or a file: ``.txt`` (one prompt per line), ``.parquet``/``.csv``/``.jsonl``
+    (column ``column``). Held-out prompts are sampled with ``eval_seeds`` fixed seeds."""
+
+    train: str = "synthetic"
+    eval: str = "synthetic"
+    column: str = "prompt"
+    synthetic_train: int = 512
+    synthetic_eval: int = 8
+    eval_seed: int = 10_000
+
+    def validate(self, path: str = "prompts") -> None:
+        for key in ("train", "eval"):
+            v = getattr(self, key)
+            if v in ("synthetic", "world"):
+                continue
+            if Path(v).suffix not in PROMPT_SUFFIXES:
+                raise ValueError(
+                    f"{path}.{key}={v!r} must be 'synthetic', 'world' or a {PROMPT_SUFFIXES} file"
+                )
+            if not Path(v).is_file():
+                raise ValueError(f"{path}.{key}={v!r}: file not found")
+        for key in ("synthetic_train", "synthetic_eval"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{path}.{key}={getattr(self, key)} must be >= 1")
+
+
+TRANSPORTS = ("object_store", "gloo", "nccl")
+
+
+@dataclass
+class ServerConfig:
+    """How reward servers are placed, batch and are called (``reward_server``).
+
+    max_batch_size: images per forward; a larger request runs in chunks of this size.
+    batch_wait_ms: how long the oldest queued request waits for others to join its batch.
+        0 (default) batches only what queued up while the previous forward ran: no added
+        latency for a lone caller, and concurrent callers still share forwards.
+    timeout_s: per call, None waits as long as it takes (a restarting server included).
+    forward_threads: batches computed at the same time. 0 picks: 1 on a GPU, else the
+        server's whole CPUs (a tiny model's forward keeps few cores busy on its own; two
+        batches side by side do). The server's CPUs are split between them: each forward
+        gets ``max(1, floor(num_cpus) // forward_threads)`` torch threads, so a server on
+        ``num_cpus: 0`` (or a fraction) computes on one thread and never competes with the
+        generator for more than one core.
+    transport: how images and gradients travel. ``object_store`` (default): Ray's object
+        store, from any caller. ``gloo`` / ``nccl``: Ray's direct tensor transport between
+        actors (CPU / GPU tensors), see :mod:`actors.direct_transport`; the caller must be an
+        actor of a class declared ``@ray.remote(enable_tensor_transport=True)``, else its
+        first call fails saying so.
+    """
+
+    resources: ActorResources = field(default_factory=ActorResources)
+    max_batch_size: int = 64
+    batch_wait_ms: float = 0.0
+    timeout_s: float | None = None
+    forward_threads: int = 0
+    transport: str = "object_store"
+
+    def validate(self, path: str = "reward_server") -> None:
+        self.resources.validate(f"{path}.resources")
+        if self.max_batch_size < 1:
+            raise ValueError(f"{path}.max_batch_size={self.max_batch_size} must be >= 1")
+        if not 0 <= self.batch_wait_ms <= 10_000:
+            raise ValueError(f"{path}.batch_wait_ms={self.batch_wait_ms} must be in [0, 10000]")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise ValueError(f"{path}.timeout_s={self.timeout_s} must be > 0 or null")
+        if not isinstance(self.forward_threads, int) or self.forward_threads < 0:
+            raise ValueError(
+                f"{path}.forward_threads={self.forward_threads!r} must be an integer >= 0 "
+                "(0: automatic)"
+            )
+        if self.transport not in TRANSPORTS:
+            raise ValueError(
+                f"{path}.transport={self.transport!r} must be one of {', '.join(TRANSPORTS)}"
+            )
+
+
+@dataclass
+class TextEncoderConfig:
+    """The text-encoder actor that serves every worker's prompt embeddings when
+    ``policy.generator.text_encoders: actor`` (unused otherwise)."""
+
+    resources: ActorResources = field(
+        default_factory=lambda: ActorResources(max_restarts=-1, max_task_retries=-1)
+    )
+
+
+@dataclass
+class EarlyStopConfig:
+    """Stop when held-out ``eval/reward`` has not improved by ``min_delta`` for ``patience``
+    evaluations (0: off)."""
+
+    patience: int = 0
+    min_delta: float = 0.0
+
+    def validate(self, path: str = "train.early_stop") -> None:
+        if self.patience < 0:
+            raise ValueError(f"{path}.patience={self.patience} must be >= 0 (0: off)")
+
+
+@dataclass
+class TrainConfig:
+    """``max_steps`` DRaFT-K updates of ``batch_size`` prompts per worker (global batch:
+    times ``scaling.num_workers``); evaluate every ``eval_every`` steps and at the end. A step
+    whose reward or gradient is not finite is skipped on every rank; ``max_bad_steps`` of them
+    in a row stop the run with a checkpoint."""
+
+    max_steps: int = 100
+    batch_size: int = 1
+    eval_every: int = 25
+    max_bad_steps: int = 3
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+
+    def validate(self, path: str = "train") -> None:
+        for key in ("max_steps", "batch_size", "eval_every", "max_bad_steps"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{path}.{key}={getattr(self, key)} must be >= 1")
+        self.early_stop.validate(f"{path}.early_stop")
+
+
+@dataclass
+class RunConfig:
+    """``rlhf finetune CONFIG``. ``scaling``: the generator worker group (``max_failures``:
+    rebuilds from the last checkpoint after a worker dies). ``mlflow.register_as``: the
+    policy's registered model name (null: not registered)."""
+
+    RENAMED: ClassVar[dict[str, str]] = {
+        "workers.num_workers": "scaling.num_workers",
+        "workers.batch_size": "train.batch_size",
+        "workers.resources.num_cpus": "scaling.cpus_per_worker",
+        "workers.resources.num_gpus": "scaling.use_gpu and scaling.gpus_per_worker",
+        "workers.resources.resources": "scaling.resources_per_worker",
+        "workers.resources": "scaling (cpus_per_worker, use_gpu, gpus_per_worker, "
+        "resources_per_worker)",
+        "workers.max_rebuilds": "scaling.max_failures",
+        "workers.text_encoder": "text_encoder.resources",
+        "workers.resources.max_restarts": "scaling.max_failures (the group restarts from its "
+        "last checkpoint)",
+        "workers": "scaling, train.batch_size and text_encoder",
+        "train.checkpoint_every": "checkpoint.every",
+        "train.keep_checkpoints": "checkpoint.keep",
+    }
+
+    name: str = "finetune"
+    seed: int = 0
+    output_dir: str = "runs"
+    allow_negative_weights: bool = False
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    rewards: list[dict] = field(default_factory=lambda: [{"name": "ict_hp"}])
+    eval_rewards: list[dict] = field(default_factory=list)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    scaling: ScalingConfig = field(default_factory=lambda: ScalingConfig(max_failures=3))
+    reward_server: ServerConfig = field(default_factory=ServerConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    mlflow: MlflowConfig = field(
+        default_factory=lambda: MlflowConfig(experiment="finetune", register_as="policy")
+    )
+
+    def validate(self) -> RunConfig:
+        check_run_location(self.name, self.output_dir)
+        self.policy.validate("policy.")
+        self.prompts.validate()
+        self.scaling.validate()
+        self.reward_server.validate()
+        self.text_encoder.resources.validate("text_encoder.resources")
+        self.train.validate()
+        self.checkpoint.validate(self.train.eval_every)
+        if not self.rewards:
+            raise ValueError("rewards: give at least one reward to optimise")
+        specs = self.reward_specs()
+        if not any(s.weight != 0 for s in specs):
+            raise ValueError("rewards: every weight is 0; nothing to optimise")
+        for i, s in enumerate(specs):
+            if s.name in EVAL_ONLY:
+                raise ValueError(
+                    f"rewards[{i}].name={s.name} is an evaluator, not a training reward: "
+                    "put it in eval_rewards"
+                )
+            if s.weight < 0 and not self.allow_negative_weights:
+                raise ValueError(
+                    f"rewards[{i}].weight={s.weight} is negative: set allow_negative_weights=true "
+                    "to minimise a reward on purpose"
+                )
+        keys = [s.key for s in specs + self.eval_reward_specs()]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise ValueError(
+                f"rewards: duplicate reward key(s) {dup}; give each a distinct 'label'"
+            )
+        return self
+
+    def check_inputs(self) -> None:
+        """What :meth:`validate` cannot see from the YAML alone, checked before Ray or an
+        MLflow run starts: every reward's import path imports and its checkpoint exists
+        (local path, MLflow model or run, hub repository), and the prompt files hold prompts.
+        Errors name the key (``rewards[0].checkpoint``, ``prompts.train``)."""
+        import mlflow
+
+        from rewards.registry import check_reward
+        from rlhf import tracking
+        from rlhf.prompts import read_prompts
+
+        mlflow.set_tracking_uri(tracking.tracking_uri(self.mlflow.tracking_uri))
+        for field_name in ("rewards", "eval_rewards"):
+            for i, d in enumerate(getattr(self, field_name)):
+                where = f"{field_name}[{i}]"
+                check_reward(RewardSpec.from_dict(d, where), where)
+        for key in ("train", "eval"):
+            source = getattr(self.prompts, key)
+            try:
+                read_prompts(source, self.prompts.column, n_synthetic=1)
+            except ValueError as e:
+                raise ConfigError(f"prompts.{key}={source!r}: {e}") from e
+
+    def reward_specs(self) -> list[RewardSpec]:
+        return [RewardSpec.from_dict(d, f"rewards[{i}]") for i, d in enumerate(self.rewards)]
+
+    def eval_reward_specs(self) -> list[RewardSpec]:
+        out = []
+        for i, d in enumerate(self.eval_rewards):
+            s = RewardSpec.from_dict(d, f"eval_rewards[{i}]")
+            out.append(dataclasses.replace(s, weight=0.0))
+        return out
+
+    @property
+    def global_batch(self) -> int:
+        return self.scaling.num_workers * self.train.batch_size
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RewardScalingConfig(ScalingConfig):
+    """:class:`~rlhf.resources.ScalingConfig` plus how the replicas train: ``strategy: ddp``
+    or ``deepspeed`` (ZeRO stage ``zero_stage``)."""
+
+    num_workers: int = 2
+    strategy: str = "ddp"
+    zero_stage: int = 2
+
+    def validate(self, path: str = "scaling") -> None:
+        super().validate(path)
+        if self.strategy not in ("ddp", "deepspeed"):
+            raise ValueError(f"{path}.strategy={self.strategy!r} must be ddp or deepspeed")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"{path}.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+
+
+@dataclass
+class RewardTrainConfig:
+    """``rlhf train-reward CONFIG``: a Ray Train job. ``model`` is a reward spec without its
+    name (the name is ``kind``); ``ict_model`` a frozen trained ICT used by HP's ICT-HP loss
+    term. The plain loop (:func:`rewards.training.run_training`) reads the reward sections and
+    ``scaling.num_workers``; the Ray Train driver (:mod:`rlhf.train_reward`) the rest.
+    ``mlflow.register_as``: the best checkpoint's registered model name (null: ``kind``)."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"checkpoint.storage_path": "output_dir"}
+
+    name: str = "reward"
+    kind: str = "ict"
+    model: dict = field(default_factory=dict)
+    ict_model: dict | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scaling: RewardScalingConfig = field(default_factory=RewardScalingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    mlflow: MlflowConfig = field(default_factory=lambda: MlflowConfig(experiment="reward-models"))
+    eval_every: int = 50
+    seed: int = 0
+    output_dir: str = "runs"
+
+    def validate(self) -> RewardTrainConfig:
+        """Raise ``ValueError`` naming the key for values that would fail later."""
+        check_run_location(self.name, self.output_dir)
+        if self.kind not in KINDS:
+            raise ValueError(f"kind={self.kind!r} must be one of {KINDS}")
+        RewardSpec.from_dict({"name": self.kind, **self.model}, "model")
+        for split in ("train", "eval"):
+            p = getattr(self.data, split)
+            if p != "synthetic" and not Path(p).exists():
+                raise ValueError(f"data.{split}={p!r}: no such file (or use 'synthetic')")
+            if p != "synthetic" and self.kind != "imagereward" and is_ranked_file(p):
+                raise ValueError(
+                    f"data.{split}={p!r} holds ranked images (prompt, images, ranking): "
+                    "only kind=imagereward trains on them"
+                )
+        if self.labels.source not in ("data", "teacher", "rule"):
+            raise ValueError(f"labels.source={self.labels.source!r} must be data, teacher or rule")
+        if self.labels.source == "teacher" and not self.labels.teacher:
+            raise ValueError("labels.teacher must be a reward spec when labels.source=teacher")
+        if self.labels.theta <= 0:
+            raise ValueError(f"labels.theta={self.labels.theta} must be > 0")
+        if self.loss.icthp_weight > 0 and not self.ict_model:
+            raise ValueError("loss.icthp_weight > 0 needs ict_model (a trained ICT spec)")
+        if self.loss.icthp_weight > 0 and self.kind != "hp":
+            raise ValueError("loss.icthp_weight applies to kind=hp only")
+        self.scaling.validate()
+        for key, val in (
+            ("optim.batch_size", self.optim.batch_size),
+            ("optim.epochs", self.optim.epochs),
+            ("eval_every", self.eval_every),
+        ):
+            if val < 1:
+                raise ValueError(f"{key}={val} must be >= 1")
+        self.checkpoint.validate(self.eval_every)
+        if self.checkpoint.every % self.eval_every:
+            # Ray Train keeps the best checkpoints by held-out accuracy: each needs one.
+            raise ValueError(
+                f"checkpoint.every={self.checkpoint.every} must be a multiple of "
+                f"eval_every={self.eval_every}"
+            )
+        if self.optim.lr <= 0:
+            raise ValueError(f"optim.lr={self.optim.lr} must be > 0")
+        for key in ("text_fraction", "vision_fraction"):
+            v = getattr(self.freeze, key)
+            if not 0 <= v <= 1:
+                raise ValueError(f"freeze.{key}={v} must be in [0, 1]")
+        return self
