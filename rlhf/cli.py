@@ -133,8 +133,6 @@ def init_ray(verbose: bool = False, log_to_driver: bool = True) -> None:
 
 
 def cmd_finetune(args) -> int:
-    import ray
-
     from actors.coordinator import FinetuneRun, RunFailed, RunStopped, summary_lines
     from actors.run_config import RunConfig
     from rlhf.config import load_config
@@ -150,6 +148,8 @@ def cmd_finetune(args) -> int:
             raise ConfigError("give a CONFIG file (or --resume RUN_ID)")
         cfg = load_config(RunConfig, args.config, args.overrides)
         cfg.check_inputs()
+    import ray
+
     job = FinetuneRun(cfg, resume_run_id=args.resume)
     try:
         try:
