@@ -92,6 +92,7 @@ class GeneratorWorker:
             if self.world != 1:
                 raise RuntimeError(f"rank {self.rank} of {self.world}: no process group")
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asks; Ray Train sets it
         device = "cuda" if on_gpu else "cpu"
         policy = cfg.policy
         torch.manual_seed(policy.generator.seed)
