@@ -52,6 +52,7 @@ from rlhf.config import ConfigError, bind, flatten
 log = logging.getLogger(__name__)
 
 RUN_DIR_TAG = "rlhf.run_dir"
+STAGING = ".staging"  # under the run folder: where the ranks write a checkpoint together
 PROGRESS_EVERY_S = 10.0
 
 
@@ -393,12 +394,14 @@ class Coordinator:
         if is_best:
             self.best, self.best_step = eval_reward, step
         name = checkpoint_name(self.run_dir, step)
-        staging = self.run_dir / ".staging" / name
+        staging = self.run_dir / STAGING / name
+        folder = self.run_dir / CHECKPOINTS / name
         shutil.rmtree(staging, ignore_errors=True)  # left by a group that died saving
         yield {
             "do": "checkpoint",
             "step": step,
             "name": name,
+            "folder": str(folder),
             "staging": str(staging),
             "state": {
                 "best": self.best,
@@ -407,7 +410,6 @@ class Coordinator:
             },
             "policy": self.cfg.to_dict()["policy"],
         }
-        folder = self.run_dir / CHECKPOINTS / name
         model = self.cfg.mlflow.register_as
         if model and step > self.last_logged:
             aliases = ("last", "best") if is_best else ("last",)
@@ -499,6 +501,7 @@ class Coordinator:
         from actors.generator_worker import train_func
 
         cfg = self.cfg
+        shutil.rmtree(self.run_dir / STAGING, ignore_errors=True)  # a killed driver's half-saves
         res = cfg.workers.resources
         use_gpu = res.num_gpus > 0
         per_worker = {"CPU": res.num_cpus, **res.resources}

@@ -258,8 +258,9 @@ def _share(rank: int, world: int, *items: list) -> list[list]:
 def _save_checkpoint(worker: GeneratorWorker, plan: dict, rank: int) -> None:
     """Collective: every rank writes its part of the checkpoint into the plan's staging
     folder (shared storage, as for any multi-rank DeepSpeed save), rank 0 adds the policy
-    config and the manifest, and reports the folder to Ray Train, which copies it to
-    ``<run_dir>/checkpoints/<name>`` and rotates old checkpoints out."""
+    config and reports the folder to Ray Train, which copies it to the plan's ``folder``
+    (``<run_dir>/checkpoints/<name>``) and rotates old checkpoints out; then rank 0 writes
+    the manifest there, last: a checkpoint with a manifest has arrived whole."""
     import ray.train
 
     from rlhf.checkpointing import write_manifest
@@ -268,12 +269,12 @@ def _save_checkpoint(worker: GeneratorWorker, plan: dict, rank: int) -> None:
     worker.save(str(staging / "resume"), plan["step"], plan["state"], str(staging / "export"))
     if rank == 0:
         (staging / "export" / "policy_config.json").write_text(json.dumps(plan["policy"], indent=1))
-        write_manifest(staging, plan["step"])
     checkpoint = ray.train.Checkpoint.from_directory(str(staging)) if rank == 0 else None
     ray.train.report(
         {"step": plan["step"]}, checkpoint=checkpoint, checkpoint_dir_name=plan["name"]
     )
-    if rank == 0:
+    if rank == 0:  # the upload is synchronous: every file is in place now
+        write_manifest(Path(plan["folder"]), plan["step"])
         shutil.rmtree(staging, ignore_errors=True)
 
 

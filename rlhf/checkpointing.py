@@ -2,9 +2,9 @@
 
 A checkpoint (``<run_dir>/checkpoints/step_NNNNNN``) is a resume bundle plus the policy
 export. Ray Train copies it into place and rotates old ones (``CheckpointConfig``); neither
-Ray nor the file system says whether every file arrived whole, so the folder carries
-``manifest.json`` (size and sha256 of every file) and a resume takes the newest folder that
-matches its manifest, naming the first bad file of each one it skips.
+Ray nor the file system says whether every file arrived whole, so the folder gets
+``manifest.json`` (size and sha256 of every file), written last, and a resume takes the
+newest folder that matches its manifest, naming the first bad file of each one it skips.
 """
 
 from __future__ import annotations
