@@ -101,8 +101,10 @@ def test_sigkill_driver_then_resume_skips_a_corrupt_checkpoint(ray_local, mlflow
 
 
 def _named_actors() -> list[str]:
-    """The named actors of every job: a run's coordinator and reward servers."""
-    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    """A run's named actors, of any job: its coordinator and reward servers (Ray's own
+    cluster-wide singletons, e.g. Ray Data's ``AutoscalingCoordinator``, are not the run's)."""
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    return [n for n in names if n.startswith(("coordinator-", "reward-"))]
 
 
 def _wait_for_checkpoint(proc, runs, step: int, timeout_s: float = 300) -> None:
