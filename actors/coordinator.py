@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import shutil
 import threading
@@ -706,11 +707,16 @@ class FinetuneRun:
         import ray
 
         self.prepare()
+        # The driver's MLflow settings (credentials, retries, timeouts) reach the coordinator
+        # and what it starts: Ray workers of a running cluster do not inherit this process's
+        # environment.
+        mlflow_env = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
         remote = ray.remote(Coordinator).options(
             name=f"coordinator-{self.cfg.name}-{uuid.uuid4().hex[:6]}",
             num_cpus=0,
             max_restarts=0,
             max_concurrency=8,  # run() waits on Ray Train while the workers call in
+            runtime_env={"env_vars": mlflow_env} if mlflow_env else None,
         )
         self.actor = remote.remote(
             self.cfg,
