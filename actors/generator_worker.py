@@ -1,11 +1,17 @@
-"""GeneratorWorker: one rank of the DRaFT-K policy, and the group that runs N of them.
+"""GeneratorWorker: one rank of the DRaFT-K policy, run as a Ray Train worker.
 
-Each worker holds the SD3 generator (frozen VAE and text encoders) and a DeepSpeed engine
-around the trainable transformer; the N workers form one torch.distributed group (gloo on
-CPU, NCCL on GPU) whose address and free port the group picks on rank 0's node. Rewards with
-``placement: colocated`` run inside each worker; ``placement: server`` ones go through a
-:class:`~actors.reward_client.RewardClient`. Either way the worker gets the scores and the
-image gradient ``d(Σ w·r)/d(images)`` and finishes the backward pass itself, so the
+``rlhf finetune`` runs the generator workers as the workers of a Ray Train ``TorchTrainer``
+(:func:`train_func`): Ray Train starts them, forms their torch.distributed group (gloo on
+CPU, NCCL on GPU), restarts the group when a worker dies (``FailureConfig``) and stores the
+checkpoints they report (``CheckpointConfig``). Each worker holds the SD3 generator (frozen
+VAE and text encoders) and a DeepSpeed engine around the trainable transformer, and follows
+the plans of the :class:`~actors.coordinator.Coordinator` actor: rank 0 asks it what to do
+next (a step on given prompts and seeds, an evaluation, a checkpoint, stop), every rank does
+its share, rank 0 hands back the gathered results.
+
+Rewards with ``placement: colocated`` run inside each worker; ``placement: server`` ones go
+through a :class:`~actors.reward_client.RewardClient`. Either way the worker gets the scores
+and the image gradient ``d(Σ w·r)/d(images)`` and finishes the backward pass itself, so the
 parameter gradients are the same (a test asserts it).
 
 A step whose reward or image gradient is not finite on any rank is skipped on every rank
@@ -14,20 +20,20 @@ A step whose reward or image gradient is not finite on any rank is skipped on ev
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import socket
+import shutil
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-import numpy as np
 import ray
 import torch
 
-from actors.options import actor_options
 from actors.reward_client import RewardClient
-from actors.text_encoder import TextEncoderClient, start_text_encoder
+from actors.text_encoder import TextEncoderClient
 from rlhf.config import bind
 from rlhf.run_config import RunConfig
 
@@ -38,11 +44,16 @@ class SkippedStep(Exception):
     """The step's rewards or image gradients are not finite on some rank."""
 
 
-def _finite_everywhere(*tensors: torch.Tensor) -> bool:
+def _dist():
     import torch.distributed as dist
 
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _finite_everywhere(*tensors: torch.Tensor) -> bool:
     ok = all(bool(torch.isfinite(t).all()) for t in tensors)
-    if dist.is_available() and dist.is_initialized():
+    dist = _dist()
+    if dist is not None:
         flag = torch.tensor([0.0 if ok else 1.0])
         dist.all_reduce(flag)
         ok = float(flag) == 0.0
@@ -50,7 +61,8 @@ def _finite_everywhere(*tensors: torch.Tensor) -> bool:
 
 
 class GeneratorWorker:
-    """One rank. Created by :class:`WorkerGroup`; ``cfg`` is a :class:`RunConfig` as a dict."""
+    """One rank; ``cfg`` is a :class:`RunConfig` as a dict. Built by :func:`train_func`
+    inside Ray Train's process group, or alone (one rank, e.g. in tests and benchmarks)."""
 
     def __init__(self, cfg: dict, rank: int, world: int):
         self.cfg: RunConfig = bind(RunConfig, cfg)
@@ -61,24 +73,12 @@ class GeneratorWorker:
 
     # ------------------------------------------------------------------ set-up
 
-    def address(self) -> tuple[str, int]:
-        """This node's IP and a free TCP port on it (rank 0's become the group's master)."""
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
-
-    def setup(
-        self,
-        master_addr: str,
-        master_port: int,
-        clients: dict[str, RewardClient],
-        text_encoder=None,
-    ) -> dict:
-        """Join the process group, load the generator, build the engine and the rewards.
+    def setup(self, clients: dict[str, RewardClient], text_encoder=None) -> dict:
+        """Load the generator, build the engine and the rewards. The process group is Ray
+        Train's; a lone rank (``world == 1``, no group yet) makes its own in memory.
         ``text_encoder``: the text-encoder actor serving prompt embeddings, when
         ``policy.generator.text_encoders: actor``."""
-        import deepspeed
+        import torch.distributed as dist
 
         from rewards.handles import build_handles
         from rlhf.engine import build_engine
@@ -86,17 +86,13 @@ class GeneratorWorker:
 
         cfg = self.cfg
         t0 = time.perf_counter()
-        os.environ.update(
-            MASTER_ADDR=master_addr,
-            MASTER_PORT=str(master_port),
-            RANK=str(self.rank),
-            WORLD_SIZE=str(self.world),
-            LOCAL_RANK="0",
-            LOCAL_WORLD_SIZE="1",
-        )
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
         on_gpu = torch.cuda.is_available() and bool(ray.get_gpu_ids())
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
+        if not dist.is_initialized():
+            if self.world != 1:
+                raise RuntimeError(f"rank {self.rank} of {self.world}: no process group")
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asks; Ray Train sets it
         device = "cuda" if on_gpu else "cpu"
         policy = cfg.policy
         torch.manual_seed(policy.generator.seed)
@@ -112,7 +108,8 @@ class GeneratorWorker:
         return {
             "rank": self.rank,
             "device": device,
-            "node_id": ray.get_runtime_context().get_node_id(),
+            "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
+            "pid": os.getpid(),
             "setup_s": time.perf_counter() - t0,
         }
 
@@ -196,82 +193,100 @@ class GeneratorWorker:
         return load_resume(self.engine, folder)
 
 
-class WorkerGroupError(RuntimeError):
-    """A worker died or failed; the group must be rebuilt."""
+# --------------------------------------------------------------------------- Ray Train
 
 
-class WorkerGroup:
-    """N :class:`GeneratorWorker` actors forming one torch.distributed group."""
+class _Group:
+    """The worker group as one rank sees it: rank 0 talks to the coordinator, every rank
+    gets its answer; results travel to rank 0 over the process group."""
 
-    def __init__(self, cfg: RunConfig, clients: dict[str, RewardClient]):
-        self.cfg = cfg
-        self.clients = clients
-        self.workers: list = []
-        self.infos: list[dict] = []
-        self.text_encoder = None
+    def __init__(self, rank: int, world: int, coordinator):
+        self.rank, self.world, self.coordinator = rank, world, coordinator
 
-    def start(self) -> WorkerGroup:
-        n = self.cfg.scaling.num_workers
-        res = self.cfg.scaling.actor_resources()
-        remote = ray.remote(GeneratorWorker)
-        cfg = self.cfg.to_dict()
-        if self.cfg.policy.generator.text_encoders == "actor":
-            self.text_encoder = start_text_encoder(
-                self.cfg.policy.generator, self.cfg.text_encoder.resources
-            )
-        self.workers = [
-            remote.options(**actor_options(res, None)).remote(cfg, rank, n) for rank in range(n)
-        ]
-        addr, port = self._get([self.workers[0].address.remote()])[0]
-        infos = self._get(
-            [w.setup.remote(addr, port, self.clients, self.text_encoder) for w in self.workers]
+    def ask(self, method: str, *args) -> dict:
+        """Rank 0 calls the coordinator's ``method`` with ``args``; every rank gets its plan."""
+        box = (
+            [ray.get(getattr(self.coordinator, method).remote(*args))] if self.rank == 0 else [None]
         )
-        self.infos = infos
-        log.info("generator group up: %d workers at %s:%d (%s)", n, addr, port, infos[0]["device"])
-        return self
+        if self.world > 1:
+            _dist().broadcast_object_list(box, src=0)
+        return box[0]
 
-    def _get(self, refs: list):
+    def gather(self, obj) -> list | None:
+        """Every rank's ``obj`` on rank 0 (in rank order); None elsewhere."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world if self.rank == 0 else None
+        _dist().gather_object(obj, out, dst=0)
+        return out
+
+
+def _share(rank: int, world: int, *items: list) -> list[list]:
+    per = len(items[0]) // world
+    return [list(x[rank * per : (rank + 1) * per]) for x in items]
+
+
+def _save_checkpoint(worker: GeneratorWorker, plan: dict, rank: int) -> None:
+    """Collective: every rank writes its part of the checkpoint into the plan's staging
+    folder (shared storage, as for any multi-rank DeepSpeed save), rank 0 adds the policy
+    config and reports the folder to Ray Train, which copies it to the plan's ``folder``
+    (``<run_dir>/checkpoints/<name>``) and rotates old checkpoints out; then rank 0 writes
+    the manifest there, last: a checkpoint with a manifest has arrived whole."""
+    import ray.train
+
+    from rlhf.checkpointing import write_manifest
+
+    staging = Path(plan["staging"])
+    worker.save(str(staging / "resume"), plan["step"], plan["state"], str(staging / "export"))
+    if rank == 0:
+        (staging / "export" / "policy_config.json").write_text(json.dumps(plan["policy"], indent=1))
+    checkpoint = ray.train.Checkpoint.from_directory(str(staging)) if rank == 0 else None
+    ray.train.report(
+        {"step": plan["step"]}, checkpoint=checkpoint, checkpoint_dir_name=plan["name"]
+    )
+    if rank == 0:  # the upload is synchronous: every file is in place now
+        write_manifest(Path(plan["folder"]), plan["step"])
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def train_func(config: dict) -> None:
+    """One generator worker of the run's ``TorchTrainer``: set up, restore the checkpoint the
+    coordinator names, then follow its plans until it says stop.
+
+    ``config``: ``cfg`` (the :class:`RunConfig` as a dict), ``coordinator`` (the
+    :class:`~actors.coordinator.Coordinator` actor's handle), ``clients`` (reward servers by
+    key), ``text_encoder`` (the text-encoder actor or None).
+    """
+    import ray.train
+
+    from rlhf import console
+
+    console.setup()  # -v (RLHF_VERBOSE) decides what this worker's libraries may print
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    group = _Group(rank, world, config["coordinator"])
+    worker = GeneratorWorker(config["cfg"], rank, world)
+    info = worker.setup(config["clients"], config["text_encoder"])
+    plan = group.ask("group_started", group.gather(info))
+    step, state, restored = 0, {}, None
+    for folder in plan["restore"]:
         try:
-            return ray.get(refs)
-        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
-            raise WorkerGroupError(f"generator worker failed: {e}") from e
-
-    def _sharded(self, method: str, items: list[list], *args) -> list:
-        n = len(self.workers)
-        per = len(items[0]) // n
-        refs = [
-            getattr(w, method).remote(*args, *[x[r * per : (r + 1) * per] for x in items])
-            for r, w in enumerate(self.workers)
-        ]
-        return self._get(refs)
-
-    def step(self, step: int, prompts: list[str], seeds: list[int]) -> dict:
-        """Run one step on every rank; returns the metrics averaged over ranks."""
-        outs = self._sharded("step", [prompts, seeds], step)
-        keys = set().union(*outs)
-        return {k: float(np.mean([o[k] for o in outs if k in o])) for k in keys}
-
-    def evaluate(self, prompts: list[str], seeds: list[int]) -> dict:
-        outs = self._sharded("evaluate", [prompts, seeds])
-        return {
-            "scores": {
-                k: np.concatenate([o["scores"][k] for o in outs]) for k in outs[0]["scores"]
-            },
-            "total": np.concatenate([o["total"] for o in outs]),
-            "images": np.concatenate([o["images"] for o in outs]),
-        }
-
-    def save(self, folder: str, step: int, state: dict, export: str | None) -> None:
-        self._get([w.save.remote(folder, step, state, export) for w in self.workers])
-
-    def load(self, folder: str) -> tuple[int, dict]:
-        return self._get([w.load.remote(folder) for w in self.workers])[0]
-
-    def kill(self) -> None:
-        for w in [*self.workers, self.text_encoder]:
-            try:
-                ray.kill(w, no_restart=True)
-            except Exception:  # already gone (or no text encoder)
-                pass
-        self.workers = []
-        self.text_encoder = None
+            step, state = worker.load(str(Path(folder) / "resume"))
+        except Exception as e:
+            # The next group (Ray Train restarts this one) skips it.
+            ray.get(group.coordinator.checkpoint_unusable.remote(folder, f"{e}"))
+            raise
+        restored = folder
+        break
+    plan = group.ask("restored", restored, step, state)
+    while plan["do"] != "stop":
+        if plan["do"] == "step":
+            mine = _share(rank, world, plan["prompts"], plan["seeds"])
+            out = worker.step(plan["step"], *mine)
+        elif plan["do"] == "evaluate":
+            out = worker.evaluate(*_share(rank, world, plan["prompts"], plan["seeds"]))
+        elif plan["do"] == "checkpoint":
+            out = _save_checkpoint(worker, plan, rank)
+        else:
+            raise ValueError(f"unknown plan {plan['do']!r}")
+        plan = group.ask("advance", group.gather(out))

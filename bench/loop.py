@@ -19,6 +19,7 @@ steps; start-up is reported apart.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import statistics
@@ -92,16 +93,20 @@ def plain(cfg, warmup: int) -> tuple[list[float], float]:
 
 
 def loop(cfg, warmup: int) -> tuple[list[float], float]:
-    from actors.coordinator import Coordinator
+    from actors.coordinator import FinetuneRun
 
-    stamps, parts = [], []
+    steps_file = Path(cfg.output_dir).resolve() / "steps.jsonl"
 
-    def on_step(c, s, m):
-        stamps.append(time.perf_counter())
-        parts.append((m.get("time_s", 0.0), m.get("reward_s", 0.0)))
+    def on_step(c, s, m):  # runs in the coordinator actor: the stamps go through a file
+        steps_file.parent.mkdir(parents=True, exist_ok=True)
+        row = [time.perf_counter(), m.get("time_s", 0.0), m.get("reward_s", 0.0)]
+        with open(steps_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
     t0 = time.perf_counter()
-    Coordinator(cfg, progress=False, on_step=on_step).run()
+    FinetuneRun(cfg, progress=False, on_step=on_step, echo=None).run()
+    rows = [json.loads(line) for line in steps_file.read_text().splitlines()]
+    stamps, parts = [r[0] for r in rows], [(r[1], r[2]) for r in rows]
     times = [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1 :])]
     worker = statistics.median(p[0] for p in parts[warmup + 1 :])
     reward = statistics.median(p[1] for p in parts[warmup + 1 :])

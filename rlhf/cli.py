@@ -109,9 +109,10 @@ def cmd_train_reward(args) -> int:
     return 0
 
 
-def init_ray(verbose: bool = False) -> None:
+def init_ray(verbose: bool = False, log_to_driver: bool = True) -> None:
     """Join the cluster in ``RAY_ADDRESS`` (set by ``ray job submit``), else start a local Ray;
-    every worker gets this process's console rules (:mod:`rlhf.console`)."""
+    every worker gets this process's console rules (:mod:`rlhf.console`). ``log_to_driver``
+    False: the workers' output stays in their Ray log files."""
     import os
 
     import ray
@@ -126,12 +127,13 @@ def init_ray(verbose: bool = False) -> None:
             # "local": a new Ray, never whatever cluster `ray start` left on this machine.
             address=address or "local",
             configure_logging=False,
+            log_to_driver=log_to_driver,
             runtime_env=console.ray_runtime_env(verbose),
         )
 
 
 def cmd_finetune(args) -> int:
-    from actors.coordinator import Coordinator, RunFailed, RunStopped, summary_lines
+    from actors.coordinator import FinetuneRun, RunFailed, RunStopped, summary_lines
     from rlhf.config import load_config
     from rlhf.run_config import RunConfig
 
@@ -146,24 +148,30 @@ def cmd_finetune(args) -> int:
             raise ConfigError("give a CONFIG file (or --resume RUN_ID)")
         cfg = load_config(RunConfig, args.config, args.overrides)
         cfg.check_inputs()
-    co = Coordinator(cfg, resume_run_id=args.resume)
+    import ray
+
+    job = FinetuneRun(cfg, resume_run_id=args.resume)
     try:
-        co.prepare()  # a bad resume fails here, before Ray
-        init_ray(args.verbose)
-        summary = co.run()
+        try:
+            job.prepare()  # a bad resume fails here, before Ray
+            # The coordinator relays the run's own lines; the workers' output only with -v.
+            init_ray(args.verbose, log_to_driver=args.verbose)
+            summary = job.run()
+        finally:
+            ray.shutdown()  # before the last lines: no worker output streams in after them
     except RunStopped as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except RunFailed as e:
-        if args.verbose:
+        if args.verbose and e.__cause__ is not None:
             traceback.print_exception(e.__cause__, file=sys.stderr)
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        if co.run_id is None:
+        if job.run_id is None:
             raise
         print(
-            f"interrupted: run {co.run_id} marked KILLED; resume with: {co.resume_command()}",
+            f"interrupted: run {job.run_id} marked KILLED; resume with: {job.resume_command()}",
             file=sys.stderr,
         )
         return 130

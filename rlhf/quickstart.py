@@ -191,7 +191,7 @@ def run_quickstart(out: Path, fast: bool = False) -> dict:
 
 def run_finetune(out: Path, ict_uri: str, hp_uri: str, fast: bool) -> dict:
     """``configs/world.yaml`` with the freshly trained rewards swapped in."""
-    from actors.coordinator import Coordinator
+    from actors.coordinator import FinetuneRun
     from rlhf.config import load_config
     from rlhf.run_config import RunConfig
 
@@ -204,4 +204,4 @@ def run_finetune(out: Path, ict_uri: str, hp_uri: str, fast: bool) -> dict:
     if fast:
         overrides += ["train.max_steps=6", "train.eval_every=3", "checkpoint.every=3"]
     cfg = load_config(RunConfig, FINETUNE_CONFIG, overrides)
-    return Coordinator(cfg).run()
+    return FinetuneRun(cfg).run()

@@ -128,7 +128,7 @@ def test_two_node_cluster_places_one_worker_per_node(tmp_path):
         import json
         import ray
         from ray.cluster_utils import Cluster
-        from actors.coordinator import Coordinator
+        from actors.coordinator import FinetuneRun
         from rlhf.run_config import RunConfig
         from rlhf.config import load_config
 
@@ -139,10 +139,8 @@ def test_two_node_cluster_places_one_worker_per_node(tmp_path):
             "output_dir={tmp_path}/runs", "scaling.num_workers=2",
             "scaling.cpus_per_worker=1", "mlflow.register_as=null",
         ])
-        nodes = set()
-        co = Coordinator(cfg, progress=False,
-                         on_step=lambda c, s, m: nodes.update(i["node_id"] for i in c.group.infos))
-        summary = co.run()
+        summary = FinetuneRun(cfg, progress=False).run()
+        nodes = {{w["node_id"] for w in summary["workers"]}}
         print("RESULT", json.dumps({{"steps": summary["steps"], "nodes": len(nodes),
                                      "cluster_nodes": len(ray.nodes())}}))
         ray.shutdown()

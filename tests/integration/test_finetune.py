@@ -1,19 +1,24 @@
-"""The distributed DRaFT-K loop on a real local Ray: generator workers under DeepSpeed (gloo),
-reward servers, MLflow, checkpoints; with faults injected (dead server, dead worker,
-non-finite rewards)."""
+"""The distributed DRaFT-K loop on a real local Ray: the coordinator actor, generator workers as
+Ray Train workers under DeepSpeed (gloo), reward servers, MLflow, checkpoints; with faults
+injected (dead server, dead worker, non-finite rewards). Hooks run inside the coordinator
+actor; they leave what they saw in files for the test to read."""
 
 import math
+import os
+import signal
 
 import pytest
 import ray
 import torch
 from mlflow import MlflowClient
+from safetensors.torch import load_file, save_file
 
-from actors.coordinator import Coordinator, RunStopped, checkpoint_folders, verify_checkpoint
+from actors.coordinator import FinetuneRun, RunStopped
 from actors.generator_worker import GeneratorWorker
 from actors.reward_client import RewardClient
 from rewards.handles import LocalReward
 from rewards.registry import RewardSpec, build_reward
+from rlhf.checkpointing import checkpoint_folders, verify_checkpoint
 from rlhf.config import load_config
 from rlhf.run_config import RunConfig
 from tests.integration.conftest import ROOT
@@ -48,17 +53,18 @@ def test_quickstart_config_end_to_end_with_a_dead_server_and_a_dead_worker(
         "checkpoint.every=2",
         "mlflow.register_as=test-policy",
     )
-    killed = {}
+    marks = tmp_path / "killed"
+    marks.mkdir()
 
-    def inject(co, step, m):
-        if step == 1 and "server" not in killed:  # Ray restarts it; callers resend
-            killed["server"] = co.clients["ict"].info()["pid"]
+    def inject(co, step, m):  # in the coordinator actor
+        if step == 1 and not (marks / "server").exists():  # Ray restarts it; callers resend
+            (marks / "server").write_text(str(co.clients["ict"].info()["pid"]))
             ray.kill(co.clients["ict"].handle, no_restart=False)
-        if step == 3 and "worker" not in killed:  # the group is rebuilt from step 2
-            killed["worker"] = True
-            ray.kill(co.group.workers[1], no_restart=True)
+        if step == 3 and not (marks / "worker").exists():  # Ray Train restarts the group
+            (marks / "worker").write_text(str(co.workers[1]["pid"]))
+            os.kill(co.workers[1]["pid"], signal.SIGKILL)
 
-    s = Coordinator(cfg, progress=False, on_step=inject).run()
+    s = FinetuneRun(cfg, progress=False, on_step=inject).run()
     assert s["steps"] == 5 and s["rebuilds"] == 1 and s["skipped_steps"] == 0
     run = s["run_id"]
     # Every step logged exactly once despite the rebuild (steps 3 was computed twice).
@@ -85,7 +91,9 @@ def test_quickstart_config_end_to_end_with_a_dead_server_and_a_dead_worker(
     assert verify_checkpoint(newest) == 5
     assert (newest / "export" / "pytorch_lora_weights.safetensors").is_file()
     assert len(list((tmp_path / "runs").glob("*/samples/*.png"))) == 4
-    assert killed.keys() == {"server", "worker"}
+    assert {p.name for p in marks.iterdir()} == {"server", "worker"}
+    assert {w["rank"] for w in s["workers"]} == {0, 1}
+    assert int((marks / "worker").read_text()) not in {w["pid"] for w in s["workers"]}
 
 
 def test_server_and_colocated_rewards_give_the_same_gradient(ray_local, tmp_path):
@@ -135,7 +143,7 @@ def test_non_finite_rewards_are_skipped_then_stop_the_run(ray_local, mlflow_stor
         "train.max_bad_steps=3",
         "mlflow.register_as=null",
     )
-    co = Coordinator(cfg, progress=False)
+    co = FinetuneRun(cfg, progress=False)
     with pytest.raises(RunStopped, match=r"step 7: 3 steps in a row .*max_bad_steps=3"):
         co.run()
     run = co.run_id
@@ -164,7 +172,7 @@ def test_refl_mode_end_to_end(ray_local, mlflow_store, tmp_path):
         "checkpoint.every=3",
         "mlflow.register_as=null",
     )
-    s = Coordinator(cfg, progress=False).run()
+    s = FinetuneRun(cfg, progress=False).run()
     assert s["steps"] == 3 and s["skipped_steps"] == 0
     client = MlflowClient()
     hist = {k: client.get_metric_history(s["run_id"], f"train/{k}") for k in ("refl_step", "loss")}
@@ -207,15 +215,15 @@ def test_refl_against_imagereward_from_a_server_colocated_and_in_eval(
     # model's (64 px images: the 32 px BLIP's resize is in the graph).
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     prompts = ["a red circle", "two blue squares"]
-    served = {}
+    answer = tmp_path / "served.safetensors"
 
-    def ask_server(co, step, m):
+    def ask_server(co, step, m):  # in the coordinator actor
         if step == 1:
-            served["scores"], served["grad"] = co.clients["ir_server"].score_and_grad(
-                images, prompts, 0.5
-            )
+            scores, grad = co.clients["ir_server"].score_and_grad(images, prompts, 0.5)
+            save_file({"scores": scores, "grad": grad}, str(answer))
 
-    s = Coordinator(cfg, progress=False, on_step=ask_server).run()
+    s = FinetuneRun(cfg, progress=False, on_step=ask_server).run()
+    served = load_file(str(answer))
     assert s["steps"] == 2 and s["skipped_steps"] == 0
     run, client = s["run_id"], MlflowClient()
 

@@ -7,7 +7,8 @@ import pytest
 import ray
 import torch
 
-from actors.generator_worker import WorkerGroup
+from actors.coordinator import Coordinator
+from actors.generator_worker import GeneratorWorker
 from actors.text_encoder import TextEncoderClient, start_text_encoder
 from rewards.registry import build_reward
 from rlhf.config import load_config
@@ -105,12 +106,16 @@ def test_worker_group_steps_with_the_text_encoder_actor(ray_local, tmp_path):
                 "text_encoder.resources.num_cpus=0",
             ],
         )
-        group = WorkerGroup(cfg, {}).start()
+        co = Coordinator(cfg)  # the coordinator starts the run's actors, the text encoder too
+        co._start_actors()
+        worker = ray.remote(GeneratorWorker).options(num_cpus=1).remote(cfg.to_dict(), 0, 1)
         try:
-            assert (group.text_encoder is not None) == (mode == "actor")
-            metrics[mode] = group.step(0, PROMPTS[:2], SEEDS[:2])
+            assert (co.text_encoder is not None) == (mode == "actor")
+            ray.get(worker.setup.remote({}, co.text_encoder))
+            metrics[mode] = ray.get(worker.step.remote(0, PROMPTS[:2], SEEDS[:2]))
         finally:
-            group.kill()
+            ray.kill(worker)
+            co.shutdown()
     a, b = metrics["local"], metrics["actor"]
     for key in ("reward", "loss", "grad_norm"):
         assert key in a, sorted(a)

@@ -241,7 +241,7 @@ def test_early_stop_rule_counts_evaluations_without_improvement():
 
 
 def test_checkpoint_manifest_names_the_bad_file(tmp_path):
-    from actors.coordinator import CheckpointError, verify_checkpoint, write_manifest
+    from rlhf.checkpointing import CheckpointError, verify_checkpoint, write_manifest
 
     ck = tmp_path / "step_000003"
     (ck / "resume").mkdir(parents=True)
