@@ -48,7 +48,15 @@ def setup(verbose: bool | None = None) -> None:
         for k, v in _QUIET_ENV.items():
             os.environ.setdefault(k, v)
     root = logging.getLogger()
-    if not any(getattr(h, "_rlhf", False) for h in root.handlers):
+    ours = [h for h in root.handlers if getattr(h, "_rlhf", False)]
+    for handler in ours:
+        # Follow a replaced sys.stderr (a notebook's, a test's capture) instead of writing
+        # to the stream that was current at the first call, which may be closed by now.
+        # (Not setStream: it flushes the old stream, which raises once that is closed.)
+        if handler.stream is not sys.stderr:
+            with handler.lock:
+                handler.stream = sys.stderr
+    if not ours:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         handler._rlhf = True
