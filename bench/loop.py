@@ -93,7 +93,7 @@ def plain(cfg, warmup: int) -> tuple[list[float], float]:
 
 
 def loop(cfg, warmup: int) -> tuple[list[float], float]:
-    from actors.coordinator import FinetuneRun
+    from actors.finetune_run import FinetuneRun
 
     steps_file = Path(cfg.output_dir).resolve() / "steps.jsonl"
 

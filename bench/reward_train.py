@@ -34,7 +34,7 @@ def _cfg(kind: str, root: Path, steps: int, batch: int, workers: int, name: str)
     """``configs/reward_<kind>.yaml`` sized for ``steps`` one-epoch steps of ``batch`` per
     worker, no evaluation, no warm-up."""
     from rlhf.config import load_config
-    from rlhf.run_config import RewardTrainConfig
+    from rlhf.reward_run_config import RewardTrainConfig
 
     return load_config(
         RewardTrainConfig,

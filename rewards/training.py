@@ -3,7 +3,7 @@
 The same pieces run in a single plain process (tests, benchmarks) and inside a Ray Train
 worker (:mod:`rlhf.train_reward`), which only adds the process group, reporting and
 checkpointing around :func:`run_training`. ``cfg`` below is the run schema that holds these
-sections, :class:`rlhf.run_config.RewardTrainConfig` (defined above this layer; only its
+sections, :class:`rlhf.reward_run_config.RewardTrainConfig` (defined above this layer; only its
 fields are read here).
 """
 

@@ -96,7 +96,7 @@ def cmd_eval_reward(args) -> int:
 
 def cmd_train_reward(args) -> int:
     from rlhf.config import load_config
-    from rlhf.run_config import RewardTrainConfig
+    from rlhf.reward_run_config import RewardTrainConfig
     from rlhf.train_reward import run_job
 
     cfg = load_config(RewardTrainConfig, args.config, args.overrides)
@@ -133,9 +133,10 @@ def init_ray(verbose: bool = False, log_to_driver: bool = True) -> None:
 
 
 def cmd_finetune(args) -> int:
-    from actors.coordinator import FinetuneRun, RunFailed, RunStopped, summary_lines
+    from actors.finetune_run import FinetuneRun
     from rlhf.config import load_config
     from rlhf.run_config import RunConfig
+    from rlhf.run_records import RunFailed, RunStopped, summary_lines
 
     if args.resume:
         if args.config or args.overrides:

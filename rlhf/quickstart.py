@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 
 from rlhf.config import load_config
-from rlhf.run_config import RewardTrainConfig
+from rlhf.reward_run_config import RewardTrainConfig
 
 log = logging.getLogger(__name__)
 WORLD = {"backbone": "world"}
@@ -165,7 +165,7 @@ def run_quickstart(out: Path, fast: bool = False) -> dict:
     }
     write_json(summary, out / "summary.json")
     _banner("summary")
-    from actors.coordinator import summary_lines
+    from rlhf.run_records import summary_lines
 
     print(table)
     print("\n".join(summary_lines(finetune)))
@@ -191,7 +191,7 @@ def run_quickstart(out: Path, fast: bool = False) -> dict:
 
 def run_finetune(out: Path, ict_uri: str, hp_uri: str, fast: bool) -> dict:
     """``configs/world.yaml`` with the freshly trained rewards swapped in."""
-    from actors.coordinator import FinetuneRun
+    from actors.finetune_run import FinetuneRun
     from rlhf.config import load_config
     from rlhf.run_config import RunConfig
 

@@ -1,97 +1,28 @@
-"""The run schemas: one validated YAML each for ``rlhf train-reward`` (:class:`RewardTrainConfig`)
-and ``rlhf finetune`` (:class:`RunConfig`), with the same sections and words for what both
-have: ``scaling`` (the worker group, Ray Train's words: :class:`~rlhf.resources.ScalingConfig`),
-``checkpoint`` (``every``, ``keep``) and ``mlflow`` (``experiment``, ``register_as``,
-``tracking_uri``).
-
-Fine-tuning also has ``policy`` (generator, finetune, sampler, draft, engine:
-:class:`PolicyConfig`), ``rewards`` (the optimised reward: a list of ``{name, weight,
-checkpoint, placement, options}``), ``eval_rewards`` (scored at evaluation only), ``prompts``,
-``reward_server``, ``text_encoder`` and ``train`` (steps, batch, evaluation, stopping rules).
-Every error names its key path; a key that was renamed names its new place.
+"""The run schema of ``rlhf finetune`` (:class:`RunConfig`): one validated YAML with
+``policy`` (generator, finetune, sampler, draft, engine: :class:`PolicyConfig`), ``rewards``
+(the optimised reward: a list of ``{name, weight, checkpoint, placement, options}``),
+``eval_rewards`` (scored at evaluation only), ``prompts``, ``reward_server``, ``text_encoder``
+and ``train`` (steps, batch, evaluation, stopping rules), and the sections every run has, in
+the same words as ``rlhf train-reward`` (:mod:`rlhf.reward_run_config`): ``scaling`` (the
+worker group, Ray Train's words: :class:`~rlhf.resources.ScalingConfig`), ``checkpoint`` and
+``mlflow`` (:mod:`rlhf.run_sections`). Every error names its key path; a key that was renamed
+names its new place.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from rewards.data import is_ranked_file
 from rewards.errors import ConfigError
 from rewards.registry import EVAL_ONLY, RewardSpec
-from rewards.training import (
-    KINDS,
-    DataConfig,
-    FreezeConfig,
-    LabelConfig,
-    LossConfig,
-    OptimConfig,
-)
 from rlhf.policy_config import PolicyConfig
 from rlhf.resources import ActorResources, ScalingConfig
+from rlhf.run_sections import CheckpointConfig, MlflowConfig, check_run_location
 
 PROMPT_SUFFIXES = (".txt", ".parquet", ".csv", ".jsonl")
-
-
-@dataclass
-class CheckpointConfig:
-    """``every``: checkpoint every this many steps and at the end (null: at every evaluation;
-    set when the config is validated); ``keep``: how many of the newest are kept."""
-
-    every: int | None = None
-    keep: int = 2
-
-    def validate(self, eval_every: int, path: str = "checkpoint") -> None:
-        if self.every is None:
-            self.every = eval_every
-        for key in ("every", "keep"):
-            v = getattr(self, key)
-            if v < 1:
-                raise ValueError(f"{path}.{key}={v} must be >= 1")
-
-
-@dataclass
-class MlflowConfig:
-    """``tracking_uri`` null: ``MLFLOW_TRACKING_URI``, else the embedded store in the working
-    directory. ``experiment``: where runs are logged; ``register_as``: the registered model
-    name of the trained model (see each schema for null)."""
-
-    experiment: str = "default"
-    register_as: str | None = None
-    tracking_uri: str | None = None
-
-
-def ray_job_submission_id() -> str | None:
-    """The submission id when this process is the entrypoint of a ``ray job submit`` (Ray
-    hands the entrypoint its job config in ``RAY_JOB_CONFIG_JSON_ENV_VAR``); else None."""
-    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    if not raw:
-        return None
-    try:
-        meta = json.loads(raw).get("metadata") or {}
-    except (ValueError, AttributeError):
-        meta = {}
-    return meta.get("job_submission_id") or "(unknown id)"
-
-
-def check_run_location(name: str, output_dir: str) -> None:
-    """``name`` names a folder under ``output_dir``; inside a Ray job ``output_dir`` must be
-    absolute."""
-    if not name or "/" in name:
-        raise ValueError(f"name={name!r} must be a non-empty name without '/'")
-    job = ray_job_submission_id()
-    if job and not Path(output_dir).is_absolute():
-        # A job's working directory is Ray's temporary copy of --working-dir, removed with
-        # the job: checkpoints written there could never be resumed.
-        raise ValueError(
-            f"output_dir={output_dir!r} is relative, and this is Ray job {job}: it would land "
-            "in the job's temporary working directory and be lost; give an absolute path on "
-            "storage every node sees"
-        )
 
 
 @dataclass
@@ -330,95 +261,3 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-@dataclass
-class RewardScalingConfig(ScalingConfig):
-    """:class:`~rlhf.resources.ScalingConfig` plus how the replicas train: ``strategy: ddp``
-    or ``deepspeed`` (ZeRO stage ``zero_stage``)."""
-
-    num_workers: int = 2
-    strategy: str = "ddp"
-    zero_stage: int = 2
-
-    def validate(self, path: str = "scaling") -> None:
-        super().validate(path)
-        if self.strategy not in ("ddp", "deepspeed"):
-            raise ValueError(f"{path}.strategy={self.strategy!r} must be ddp or deepspeed")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"{path}.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
-
-
-@dataclass
-class RewardTrainConfig:
-    """``rlhf train-reward CONFIG``: a Ray Train job. ``model`` is a reward spec without its
-    name (the name is ``kind``); ``ict_model`` a frozen trained ICT used by HP's ICT-HP loss
-    term. The plain loop (:func:`rewards.training.run_training`) reads the reward sections and
-    ``scaling.num_workers``; the Ray Train driver (:mod:`rlhf.train_reward`) the rest.
-    ``mlflow.register_as``: the best checkpoint's registered model name (null: ``kind``)."""
-
-    RENAMED: ClassVar[dict[str, str]] = {"checkpoint.storage_path": "output_dir"}
-
-    name: str = "reward"
-    kind: str = "ict"
-    model: dict = field(default_factory=dict)
-    ict_model: dict | None = None
-    data: DataConfig = field(default_factory=DataConfig)
-    labels: LabelConfig = field(default_factory=LabelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    freeze: FreezeConfig = field(default_factory=FreezeConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    scaling: RewardScalingConfig = field(default_factory=RewardScalingConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    mlflow: MlflowConfig = field(default_factory=lambda: MlflowConfig(experiment="reward-models"))
-    eval_every: int = 50
-    seed: int = 0
-    output_dir: str = "runs"
-
-    def validate(self) -> RewardTrainConfig:
-        """Raise ``ValueError`` naming the key for values that would fail later."""
-        check_run_location(self.name, self.output_dir)
-        if self.kind not in KINDS:
-            raise ValueError(f"kind={self.kind!r} must be one of {KINDS}")
-        RewardSpec.from_dict({"name": self.kind, **self.model}, "model")
-        for split in ("train", "eval"):
-            p = getattr(self.data, split)
-            if p != "synthetic" and not Path(p).exists():
-                raise ValueError(f"data.{split}={p!r}: no such file (or use 'synthetic')")
-            if p != "synthetic" and self.kind != "imagereward" and is_ranked_file(p):
-                raise ValueError(
-                    f"data.{split}={p!r} holds ranked images (prompt, images, ranking): "
-                    "only kind=imagereward trains on them"
-                )
-        if self.labels.source not in ("data", "teacher", "rule"):
-            raise ValueError(f"labels.source={self.labels.source!r} must be data, teacher or rule")
-        if self.labels.source == "teacher" and not self.labels.teacher:
-            raise ValueError("labels.teacher must be a reward spec when labels.source=teacher")
-        if self.labels.theta <= 0:
-            raise ValueError(f"labels.theta={self.labels.theta} must be > 0")
-        if self.loss.icthp_weight > 0 and not self.ict_model:
-            raise ValueError("loss.icthp_weight > 0 needs ict_model (a trained ICT spec)")
-        if self.loss.icthp_weight > 0 and self.kind != "hp":
-            raise ValueError("loss.icthp_weight applies to kind=hp only")
-        self.scaling.validate()
-        for key, val in (
-            ("optim.batch_size", self.optim.batch_size),
-            ("optim.epochs", self.optim.epochs),
-            ("eval_every", self.eval_every),
-        ):
-            if val < 1:
-                raise ValueError(f"{key}={val} must be >= 1")
-        self.checkpoint.validate(self.eval_every)
-        if self.checkpoint.every % self.eval_every:
-            # Ray Train keeps the best checkpoints by held-out accuracy: each needs one.
-            raise ValueError(
-                f"checkpoint.every={self.checkpoint.every} must be a multiple of "
-                f"eval_every={self.eval_every}"
-            )
-        if self.optim.lr <= 0:
-            raise ValueError(f"optim.lr={self.optim.lr} must be > 0")
-        for key in ("text_fraction", "vision_fraction"):
-            v = getattr(self.freeze, key)
-            if not 0 <= v <= 1:
-                raise ValueError(f"freeze.{key}={v} must be in [0, 1]")
-        return self

@@ -34,7 +34,7 @@ from rewards.training import (
 from rlhf import console, tracking
 from rlhf.config import bind, flatten
 from rlhf.export import load_deepspeed_checkpoint
-from rlhf.run_config import RewardTrainConfig
+from rlhf.reward_run_config import RewardTrainConfig
 
 log = logging.getLogger(__name__)
 STATE_FILE = "train_state.json"

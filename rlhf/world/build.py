@@ -311,7 +311,7 @@ def train_world_ict(out: Path, folder: Path, recipe: Recipe, seed: int) -> dict:
         make_dataset,
         run_training,
     )
-    from rlhf.run_config import RewardScalingConfig, RewardTrainConfig
+    from rlhf.reward_run_config import RewardScalingConfig, RewardTrainConfig
     from rlhf.world.triplets import build_triplets, world_backbone
 
     with tempfile.TemporaryDirectory() as d:

@@ -128,7 +128,7 @@ def test_two_node_cluster_places_one_worker_per_node(tmp_path):
         import json
         import ray
         from ray.cluster_utils import Cluster
-        from actors.coordinator import FinetuneRun
+        from actors.finetune_run import FinetuneRun
         from rlhf.run_config import RunConfig
         from rlhf.config import load_config
 

@@ -13,7 +13,7 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file, save_file
 
-from actors.coordinator import FinetuneRun, RunStopped
+from actors.finetune_run import FinetuneRun
 from actors.generator_worker import GeneratorWorker
 from actors.reward_client import RewardClient
 from rewards.handles import LocalReward
@@ -21,6 +21,7 @@ from rewards.registry import RewardSpec, build_reward
 from rlhf.checkpointing import checkpoint_folders, verify_checkpoint
 from rlhf.config import load_config
 from rlhf.run_config import RunConfig
+from rlhf.run_records import RunStopped
 from tests.integration.conftest import ROOT
 
 pytestmark = pytest.mark.integration

@@ -15,7 +15,7 @@ from rewards.training import (
     make_dataset,
     make_train_loader,
 )
-from rlhf.run_config import RewardTrainConfig
+from rlhf.reward_run_config import RewardTrainConfig
 from tests.integration.conftest import free_port
 
 pytestmark = pytest.mark.integration

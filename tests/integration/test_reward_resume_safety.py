@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from rewards.training import OptimConfig, make_optimizer
-from rlhf.run_config import RewardScalingConfig, RewardTrainConfig
+from rlhf.reward_run_config import RewardScalingConfig, RewardTrainConfig
 from rlhf.train_reward import DS_TAG, deepspeed_engine
 
 pytestmark = pytest.mark.integration

@@ -6,7 +6,8 @@ from mlflow import MlflowClient
 
 from rewards.registry import build_reward
 from rewards.training import DataConfig, FreezeConfig, OptimConfig
-from rlhf.run_config import CheckpointConfig, MlflowConfig, RewardScalingConfig, RewardTrainConfig
+from rlhf.reward_run_config import RewardScalingConfig, RewardTrainConfig
+from rlhf.run_sections import CheckpointConfig, MlflowConfig
 from rlhf.train_reward import run_job
 from tests.unit.test_imagereward import ranked_frame
 

@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 from rewards.registry import build_reward
 from rewards.training import Objective, build_model, make_dataset
 from rlhf.config import load_config
-from rlhf.run_config import RewardTrainConfig
+from rlhf.reward_run_config import RewardTrainConfig
 from rlhf.train_reward import run_job
 from tests.integration.conftest import free_port
 

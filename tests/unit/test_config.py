@@ -4,7 +4,7 @@ import pytest
 
 from rlhf.cli import main
 from rlhf.config import ConfigError, flatten, load_config, parse_overrides
-from rlhf.run_config import RewardTrainConfig
+from rlhf.reward_run_config import RewardTrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

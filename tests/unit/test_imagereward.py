@@ -24,7 +24,7 @@ from rewards.training import (
 )
 from rewards.training import run_training as run_plain
 from rlhf import cli
-from rlhf.run_config import RewardScalingConfig, RewardTrainConfig
+from rlhf.reward_run_config import RewardScalingConfig, RewardTrainConfig
 from tests.unit.test_cli import restore_console  # noqa: F401 (a fixture)
 
 TINY = {"name": "imagereward", "options": {"size": "tiny"}}

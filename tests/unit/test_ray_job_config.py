@@ -6,7 +6,8 @@ from pathlib import Path
 
 from rlhf.cli import main
 from rlhf.config import load_config
-from rlhf.run_config import RunConfig, ray_job_submission_id
+from rlhf.run_config import RunConfig
+from rlhf.run_sections import ray_job_submission_id
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 # What Ray sets for a job's entrypoint (ray/dashboard/modules/job/job_supervisor.py).

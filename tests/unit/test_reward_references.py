@@ -10,7 +10,7 @@ from rewards.evaluate import evaluate_reward, preference_accuracy
 from rewards.losses import ict_hp_loss
 from rewards.registry import AESTHETIC_BACKBONE, HPSV2_FILES, build_reward
 from rewards.training import Objective, build_model
-from rlhf.run_config import RewardTrainConfig
+from rlhf.reward_run_config import RewardTrainConfig
 
 TINY = {"backbone": "tiny"}
 

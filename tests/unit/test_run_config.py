@@ -8,7 +8,8 @@ import pytest
 from rlhf.cli import main
 from rlhf.config import ConfigError, load_config
 from rlhf.prompts import read_prompts, step_batch
-from rlhf.run_config import RewardTrainConfig, RunConfig
+from rlhf.reward_run_config import RewardTrainConfig
+from rlhf.run_config import RunConfig
 from tests.unit.test_cli import restore_console  # noqa: F401 (a fixture)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -105,7 +106,7 @@ def test_cli_refuses_an_old_key_with_exit_2_before_ray(capsys, monkeypatch):
 
 def test_both_schemas_share_the_common_sections():
     from rlhf.resources import ScalingConfig
-    from rlhf.run_config import CheckpointConfig, MlflowConfig
+    from rlhf.run_sections import CheckpointConfig, MlflowConfig
 
     fine = load_config(RunConfig, QUICKSTART)
     reward = load_config(RewardTrainConfig, CONFIGS / "reward_ict.yaml")
@@ -227,17 +228,17 @@ def test_image_stats_expose_hacking_directions():
 
 
 def test_early_stop_rule_counts_evaluations_without_improvement():
-    from actors.coordinator import Coordinator
+    from rlhf.run_plans import RunLoop
 
     cfg = load_config(RunConfig, QUICKSTART, ["train.eval_every=2", "train.early_stop.patience=2"])
-    co = Coordinator(cfg, progress=False)
-    assert not co._early_stop(4)  # no evaluation yet
-    co.best_step = 2
-    assert not co._early_stop(4)  # one evaluation since the best
-    assert co._early_stop(6)  # two
-    off = Coordinator(load_config(RunConfig, QUICKSTART), progress=False)
+    loop = RunLoop(cfg, None, print, progress=False)
+    assert not loop.early_stop(4)  # no evaluation yet
+    loop.best_step = 2
+    assert not loop.early_stop(4)  # one evaluation since the best
+    assert loop.early_stop(6)  # two
+    off = RunLoop(load_config(RunConfig, QUICKSTART), None, print, progress=False)
     off.best_step = 2
-    assert not off._early_stop(100)
+    assert not off.early_stop(100)
 
 
 def test_checkpoint_manifest_names_the_bad_file(tmp_path):
