@@ -39,7 +39,9 @@ def _free_port() -> int:
 
 
 def test_ray_job_submit_to_a_real_head_with_token_auth(tmp_path):
-    gcs, dash = _free_port(), _free_port()
+    # The dashboard agent's HTTP port too: its default (52365) is taken by any other Ray on
+    # the machine (a local ray.init), and then no job can be submitted ("No available agent").
+    gcs, dash, agent = _free_port(), _free_port(), _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
@@ -47,6 +49,7 @@ def test_ray_job_submit_to_a_real_head_with_token_auth(tmp_path):
             str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
             f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
             "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats",
+            f"--dashboard-agent-listen-port={agent}",
         ],
         env=env,
         stdout=subprocess.PIPE,
