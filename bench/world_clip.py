@@ -31,11 +31,7 @@ def _pairs(n: int, seed: int, k: int, twin_first: str | None):
     pos, neg = [], []
     for i in range(n):
         rng = np.random.default_rng((seed, i))
-        detail = S.sample_detail(rng) if rng.random() < 0.5 else None
-        if rng.random() < 0.5:
-            scene = S.scene_for(S.sample_spec(rng), rng, detail)
-        else:
-            scene = S.random_scene(rng, detail)
+        scene = C.training_scene(rng)
         cap = C._caption(scene, (seed, i, 1))
         kinds = [str(x) for x in rng.permutation(C.PERTURBATIONS)]
         if twin_first:
@@ -112,7 +108,9 @@ def run(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--vision", choices=("vit", "resnet"), default="resnet")
+    from rewards.world import VISION_TOWERS
+
+    ap.add_argument("--vision", choices=VISION_TOWERS, default="resnet")
     ap.add_argument("--scenes", type=int, default=10000, help="distinct scenes (default 10000)")
     ap.add_argument("--steps", type=int, default=2400)
     ap.add_argument("--batch", type=int, default=64)

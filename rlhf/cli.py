@@ -345,9 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     wb.add_argument(
         "--jobs", type=int, default=2, help="processes (2: the CLIP beside the judge and VAE)"
     )
+    from rewards.world import VISION_TOWERS
+
     wb.add_argument(
         "--clip-vision",
-        choices=("vit", "resnet"),
+        choices=VISION_TOWERS,
         default=None,
         help="the world CLIP's image tower (default: the recipe's, vit)",
     )

@@ -10,3 +10,5 @@ ASSETS = Path(__file__).parent / "assets"
 CLIP_DIR = ASSETS / "clip"
 JUDGE_DIR = ASSETS / "judge"
 SD3_DIR = ASSETS / "sd3"
+# The world CLIP's image towers (``rlhf world build --clip-vision``).
+VISION_TOWERS = ("vit", "resnet")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from rewards.backbones import tokenize
 from rewards.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
 from rewards.bpe import bytes_to_unicode
+from rewards.world import VISION_TOWERS
 from rewards.world import scenes as S
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def model_config(vocab_size: int, scale: str = "full", vision: str = "vit") -> d
             "head_width": 16,
         }
     else:
-        raise ValueError(f"vision={vision!r} must be 'vit' or 'resnet'")
+        raise ValueError(f"vision={vision!r} must be one of {', '.join(VISION_TOWERS)}")
     return {
         "embed_dim": 64 if scale == "full" else 32,
         "vision_cfg": vision_cfg,
@@ -216,6 +217,15 @@ def negatives(scene: S.Scene, seed, rng: np.random.Generator, k: int) -> list[st
     return out
 
 
+def training_scene(rng: np.random.Generator) -> S.Scene:
+    """One training scene: refined detail half the time; a prompt's scene (GenEval's
+    categories) or a free random scene, half each."""
+    detail = S.sample_detail(rng) if rng.random() < 0.5 else None
+    if rng.random() < 0.5:
+        return S.scene_for(S.sample_spec(rng), rng, detail)
+    return S.random_scene(rng, detail)
+
+
 def make_pairs(n: int, seed: int, k: int = 1) -> tuple[np.ndarray, list[str], list[list[str]]]:
     """``n`` renders ``(n, 64, 64, 3)`` uint8, their captions and ``k`` hard negatives each
     (the caption itself where fewer perturbations apply; it then only repeats a positive)."""
@@ -223,11 +233,7 @@ def make_pairs(n: int, seed: int, k: int = 1) -> tuple[np.ndarray, list[str], li
     pos, neg = [], []
     for i in range(n):
         rng = np.random.default_rng((seed, i))
-        detail = S.sample_detail(rng) if rng.random() < 0.5 else None
-        if rng.random() < 0.5:
-            scene = S.scene_for(S.sample_spec(rng), rng, detail)
-        else:
-            scene = S.random_scene(rng, detail)
+        scene = training_scene(rng)
         images[i] = S.to_uint8(S.render(scene, rng, noise=float(rng.uniform(0, 0.03))))
         pos.append(_caption(scene, (seed, i, 1)))
         alt = negatives(scene, (seed, i, 1), rng, k)

@@ -170,8 +170,10 @@ def build_world(
     out.mkdir(parents=True, exist_ok=True)
     recipe = Recipe.for_scale(scale)
     if clip_vision is not None:
-        if clip_vision not in ("vit", "resnet"):
-            raise ValueError(f"clip_vision={clip_vision!r} must be 'vit' or 'resnet'")
+        if clip_vision not in C.VISION_TOWERS:
+            raise ValueError(
+                f"clip_vision={clip_vision!r} must be one of {', '.join(C.VISION_TOWERS)}"
+            )
         recipe = replace(recipe, clip_vision=clip_vision)
     progress = True
     timings: dict[str, float] = {}
