@@ -29,6 +29,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from actors.direct_transport import DirectChannel, DirectRewardServer
 from actors.options import actor_options
 from actors.reward_server import RewardServer
+from rewards.handles import SpecHandle
 from rewards.registry import RewardSpec
 from rlhf.run_config import ServerConfig
 
@@ -53,7 +54,7 @@ def server_name(spec: RewardSpec, seed: int | None = None, transport: str = "obj
     return f"reward-{spec.key}-{digest.hexdigest()[:8]}"
 
 
-class RewardClient:
+class RewardClient(SpecHandle):
     """The caller's handle on one reward server; picklable, so it can be passed to actors.
 
     The server is a named actor: the first :meth:`start` (or call) creates it, later ones and
@@ -86,14 +87,6 @@ class RewardClient:
     def __getstate__(self) -> dict:
         # Each process looks the server up by name.
         return {**self.__dict__, "_handle": None}
-
-    @property
-    def key(self) -> str:
-        return self.spec.key
-
-    @property
-    def weight(self) -> float:
-        return self.spec.weight
 
     @property
     def handle(self):

@@ -50,14 +50,10 @@ class RewardHandle(Protocol):
     def info(self) -> dict: ...
 
 
-class LocalReward:
-    """A reward model in this process (``placement: colocated``)."""
+class SpecHandle:
+    """What a handle reads from its :class:`RewardSpec` (``self.spec``): its key and weight."""
 
-    in_process = True
-
-    def __init__(self, spec: RewardSpec, model: RewardModel):
-        self.spec = spec
-        self.model = model
+    spec: RewardSpec
 
     @property
     def key(self) -> str:
@@ -66,6 +62,16 @@ class LocalReward:
     @property
     def weight(self) -> float:
         return self.spec.weight
+
+
+class LocalReward(SpecHandle):
+    """A reward model in this process (``placement: colocated``)."""
+
+    in_process = True
+
+    def __init__(self, spec: RewardSpec, model: RewardModel):
+        self.spec = spec
+        self.model = model
 
     def score(self, images: torch.Tensor, prompts: Sequence[str] | None) -> torch.Tensor:
         ps = _prompts(self, images, prompts)
