@@ -117,7 +117,8 @@ def _backends():
 
 def test_draft1_step_1024_sd35_large_shape(big):
     from rewards.registry import build_reward
-    from rlhf.draft import DraftConfig, rollout_images, score_and_grad, surrogate_loss
+    from rewards.scoring import score_and_grad
+    from rlhf.draft import DraftConfig, rollout_images, surrogate_loss
     from rlhf.generator import set_attention_backend
     from rlhf.sampler import SamplerConfig
 

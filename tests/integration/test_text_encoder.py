@@ -11,8 +11,9 @@ from actors.coordinator import Coordinator
 from actors.generator_worker import GeneratorWorker
 from actors.text_encoder import TextEncoderClient, start_text_encoder
 from rewards.registry import build_reward
+from rewards.scoring import score_and_grad
 from rlhf.config import load_config
-from rlhf.draft import DraftConfig, rollout_images, score_and_grad, surrogate_loss
+from rlhf.draft import DraftConfig, rollout_images, surrogate_loss
 from rlhf.generator import FinetuneConfig, GeneratorConfig, load_generator
 from rlhf.resources import ActorResources
 from rlhf.run_config import RunConfig
