@@ -54,7 +54,9 @@ def _finite_everywhere(*tensors: torch.Tensor) -> bool:
     ok = all(bool(torch.isfinite(t).all()) for t in tensors)
     dist = _dist()
     if dist is not None:
-        flag = torch.tensor([0.0 if ok else 1.0])
+        # NCCL reduces CUDA tensors only; gloo CPU ones.
+        on = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([0.0 if ok else 1.0], device=on)
         dist.all_reduce(flag)
         ok = float(flag) == 0.0
     return ok
@@ -141,6 +143,9 @@ class GeneratorWorker:
             return scores
 
         p = self.cfg.policy
+        on_gpu = self.gen.device.type == "cuda"
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         try:
             m = draft_step(
@@ -158,6 +163,8 @@ class GeneratorWorker:
             return {"skipped": 1.0, "time_s": time.perf_counter() - t0}
         m["skipped"] = 0.0
         m["reward_s"] = self._reward_s  # scoring and image gradients, local and remote
+        if on_gpu:  # this step's peak of this process's CUDA allocations
+            m["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return m
 
     @torch.no_grad()

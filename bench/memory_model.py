@@ -39,24 +39,9 @@ import sys
 GiB = 2**30
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# SD3.5-Large (stabilityai/stable-diffusion-3.5-large[-turbo], transformer/config.json).
-SD35_LARGE = {
-    "num_layers": 38,
-    "attention_head_dim": 64,
-    "num_attention_heads": 38,
-    "joint_attention_dim": 4096,
-    "caption_projection_dim": 2432,
-    "pooled_projection_dim": 2048,
-    "patch_size": 2,
-    "in_channels": 16,
-    "out_channels": 16,
-}
-# The 16-channel SD3 VAE (vae/config.json).
-SD3_VAE = {
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "latent_channels": 16,
-}
+# SD3.5-Large's transformer/config.json and the SD3 VAE's vae/config.json.
+from bench.sd35_shapes import SD3_VAE, SD35_LARGE  # noqa: E402
+
 PARAMS = {  # parameter counts, bf16 weights
     "transformer": 8.06e9,
     "t5_xxl": 4.76e9,

@@ -188,7 +188,11 @@ def save_resume(engine, folder: str | os.PathLike, step: int, state: dict | None
 
     rank = _rank()
     with atomic_folder(folder) as tmp:
-        engine.save_checkpoint(str(tmp / "deepspeed"), tag=DS_TAG, save_latest=False)
+        # Trainable state only: a LoRA run's frozen base (16 GB for SD3.5-Large) comes back
+        # from generator.model on resume, not from every checkpoint.
+        engine.save_checkpoint(
+            str(tmp / "deepspeed"), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True
+        )
         tensors, meta = _rng_state()
         (tmp / "rng").mkdir(exist_ok=True)
         save_file(tensors, str(tmp / "rng" / f"rank{rank}.safetensors"))
@@ -224,11 +228,27 @@ def load_deepspeed_checkpoint(engine, folder: str | os.PathLike, tag: str) -> No
     previous = engine.checkpoint_engine
     engine.checkpoint_engine = _safe_checkpoint_engine(engine)
     try:
-        path, _ = engine.load_checkpoint(str(folder), tag=tag)
+        path, _ = engine.load_checkpoint(str(folder), tag=tag, custom_load_fn=load_trainable)
     finally:
         engine.checkpoint_engine = previous
     if path is None:
         raise FileNotFoundError(f"{folder}: DeepSpeed found no checkpoint {tag!r} to load")
+
+
+def load_trainable(src: dict, dst: torch.nn.Module) -> None:
+    """Load a module state saved without its frozen parameters: every trainable parameter
+    and buffer of ``dst`` must be in ``src``, and nothing else may be (a checkpoint of another
+    model, rank or adapter fails here, naming the keys). A state that holds the frozen
+    parameters too (older bundles) loads them as well."""
+    frozen = {n for n, p in dst.named_parameters() if not p.requires_grad}
+    result = dst.load_state_dict(src, strict=False)
+    missing = sorted(set(result.missing_keys) - frozen)
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            "the checkpoint does not match the model: "
+            f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)}), "
+            f"unexpected {sorted(result.unexpected_keys)[:5]} ({len(result.unexpected_keys)})"
+        )
 
 
 def _safe_checkpoint_engine(engine):

@@ -19,86 +19,13 @@ import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
-SD35_LARGE = {
-    "sample_size": 128,
-    "patch_size": 2,
-    "in_channels": 16,
-    "out_channels": 16,
-    "num_layers": 38,
-    "attention_head_dim": 64,
-    "num_attention_heads": 38,
-    "joint_attention_dim": 4096,
-    "caption_projection_dim": 2432,
-    "pooled_projection_dim": 2048,
-    "pos_embed_max_size": 192,
-    "qk_norm": "rms_norm",
-}
-SD3_VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "latent_channels": 16,
-    "norm_num_groups": 32,
-    "sample_size": 1024,
-    "scaling_factor": 1.5305,
-    "shift_factor": 0.0609,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-}
-
-
-def _pipeline():
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    from rlhf.tokenizers import build_clip_tokenizer
-
-    torch.manual_seed(0)
-    # Built in fp32 on the GPU (~32 GB for the transformer), then cast parameter by parameter.
-    with torch.device("cuda"):
-        transformer = SD3Transformer2DModel(**SD35_LARGE).to(torch.bfloat16)
-        vae = AutoencoderKL(**SD3_VAE).to(torch.bfloat16)
-        encoders = [
-            CLIPTextModelWithProjection(
-                CLIPTextConfig(
-                    hidden_size=w,
-                    projection_dim=w,
-                    intermediate_size=4 * w,
-                    num_hidden_layers=1,
-                    num_attention_heads=w // 64,
-                    max_position_embeddings=77,
-                )
-            ).to(torch.bfloat16)
-            for w in (768, 1280)
-        ]
-    torch.cuda.empty_cache()
-    tok = build_clip_tokenizer({"model_max_length": 77})
-    return StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=vae,
-        text_encoder=encoders[0],
-        tokenizer=tok,
-        text_encoder_2=encoders[1],
-        tokenizer_2=tok,
-        text_encoder_3=None,
-        tokenizer_3=None,
-    )
-
 
 @pytest.fixture(scope="module")
 def big():
+    from bench.sd35_shapes import build_pipeline
     from rlhf.generator import FinetuneConfig, Generator, apply_finetune, set_gradient_checkpointing
 
-    pipe = _pipeline()
+    pipe = build_pipeline("large", "cuda")
     for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         m.requires_grad_(False).eval()
     finetune = FinetuneConfig(rank=16, alpha=16.0)
@@ -110,9 +37,9 @@ def big():
 
 
 def _backends():
-    from rlhf.generator import _xformers_installed
+    from rlhf.generator import xformers_unusable
 
-    return ["sdpa", "xformers"] if _xformers_installed() else ["sdpa"]
+    return ["sdpa", "xformers"] if xformers_unusable() is None else ["sdpa"]
 
 
 def test_draft1_step_1024_sd35_large_shape(big):

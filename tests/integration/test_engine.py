@@ -112,6 +112,7 @@ def _run_rank(rank, world, port, out):
         torch.manual_seed(1234 + rank)
         save_resume(engine, out / f"resume{stage}", STEPS, {"data_position": 7 + stage})
         after_save = torch.rand(3)
+        saved = _saved_module_keys(out / f"resume{stage}")
         ps, ss = _batch(STEPS, rank * B, (rank + 1) * B)
         draft_step(engine, gen, {"reward": (1.0, reward)}, ps, ss, _sampler(), draft, STEPS)
         once = lora_state_dict(engine)
@@ -127,9 +128,30 @@ def _run_rank(rank, world, port, out):
             "back_max_diff": max(float((back[k] - sd[k]).abs().max()) for k in sd),
             "redo_max_diff": max(float((twice[k] - once[k]).abs().max()) for k in once),
             "redo_moved": max(float((once[k] - sd[k]).abs().max()) for k in once),
+            # Trainable state only: no frozen base weight in the bundle, every adapter in it.
+            "frozen_saved": len(saved & _frozen(gen.transformer)),
+            "trainable_missing": len(_trainable(gen.transformer) - saved),
         }
         torch.save(sd, out / f"sd{stage}_rank{rank}.pt")
     (out / f"result{rank}.json").write_text(json.dumps(results))
+
+
+def _saved_module_keys(bundle) -> set[str]:
+    from rlhf.export import _deepspeed_safe_globals
+
+    keys = set()
+    for f in (bundle / "deepspeed").rglob("*model_states.pt"):
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            keys |= set(torch.load(f, map_location="cpu", weights_only=True)["module"])
+    return keys
+
+
+def _frozen(module) -> set[str]:
+    return {n for n, p in module.named_parameters() if not p.requires_grad}
+
+
+def _trainable(module) -> set[str]:
+    return {n for n, p in module.named_parameters() if p.requires_grad}
 
 
 def _free_port():
@@ -205,6 +227,7 @@ def test_two_ranks_match_one_rank_with_double_batch_zero2_and_zero3(tmp_path):
             res = json.loads((tmp_path / f"result{r}.json").read_text())[str(stage)]
             assert res["step"] == STEPS and res["state"] == {"data_position": 7 + stage}
             assert res["rng_restored"]
+            assert res["frozen_saved"] == 0 and res["trainable_missing"] == 0, res
             assert res["back_max_diff"] == 0.0  # weights restored exactly
             assert res["redo_moved"] > 0
             # Same step from the restored optimiser state (Adam moments) -> same weights.
