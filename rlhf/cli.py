@@ -34,7 +34,7 @@ def _reward_arg(text: str) -> dict:
 
 
 def cmd_rewards_list(args) -> int:
-    from rewards.registry import list_rewards
+    from rewards.builtin_rewards import list_rewards
 
     rewards = list_rewards()
     width = max(map(len, rewards))
