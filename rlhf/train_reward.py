@@ -20,11 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rewards.objective import Objective, build_model
 from rewards.registry import load_reward, save_reward
 from rewards.training import (
-    Objective,
     StepResult,
-    build_model,
     make_dataset,
     make_eval_loader,
     make_optimizer,

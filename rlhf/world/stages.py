@@ -103,16 +103,9 @@ def train_world_ict(out: Path, folder: Path, recipe: Recipe, seed: int) -> dict:
     """ICT from the world CLIP on Pick-High-mini (in this process), saved in fp16."""
     import tempfile
 
+    from rewards.objective import Objective, build_model
     from rewards.registry import save_reward
-    from rewards.training import (
-        DataConfig,
-        LabelConfig,
-        Objective,
-        OptimConfig,
-        build_model,
-        make_dataset,
-        run_training,
-    )
+    from rewards.training import DataConfig, LabelConfig, OptimConfig, make_dataset, run_training
     from rlhf.reward_run_config import RewardScalingConfig, RewardTrainConfig
     from rlhf.world.triplets import build_triplets, world_backbone
 
