@@ -130,27 +130,37 @@ def build_world(
     ``jobs=2`` trains the CLIP in a second process while this one trains the judge and VAE
     (they do not depend on it); the SD3 waits for both. ``clip_vision``: the CLIP's image
     tower, ``vit`` or ``resnet`` (None: the recipe's)."""
-    from rewards.world import VISION_TOWERS
+    from rlhf.world.stages import world_report
+
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = _recipe(scale, clip_vision)
+    timings = _train_stages(out, recipe, stages, scale, seed, threads, jobs)
+    report = {}
+    if "report" in stages:
+        t = time.time()
+        report = world_report(out, recipe)
+        timings["report"] = time.time() - t
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    manifest = _write_manifest(out, recipe, scale, seed, jobs, timings)
+    return {"report": report, "manifest": manifest}
+
+
+def _train_stages(
+    out: Path, recipe: Recipe, stages, scale: str, seed: int, threads: int | None, jobs: int
+) -> dict[str, float]:
+    """Train the unfinished ``stages`` of the world in ``out``, in order (the CLIP in a
+    process of its own with ``jobs > 1``); the seconds each took."""
     from rlhf.world.stages import (
         train_world_clip,
         train_world_ict,
         train_world_judge,
         train_world_sd3,
         train_world_vae,
-        world_report,
     )
 
-    if threads:
-        torch.set_num_threads(threads)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    recipe = Recipe.for_scale(scale)
-    if clip_vision is not None:
-        if clip_vision not in VISION_TOWERS:
-            raise ValueError(
-                f"clip_vision={clip_vision!r} must be one of {', '.join(VISION_TOWERS)}"
-            )
-        recipe = replace(recipe, clip_vision=clip_vision)
     timings: dict[str, float] = {}
     clip_dir, vae_dir, sd3_dir = out / "clip", out / "vae", out / "sd3"
 
@@ -179,15 +189,19 @@ def build_world(
         shutil.rmtree(vae_dir)  # the diffusers folder holds its own copy
     if "ict" in stages and not _done(out / "ict"):
         _stage(out, "ict", lambda d: train_world_ict(out, d, recipe, seed), timings)
+    return timings
 
-    report = {}
-    if "report" in stages:
-        t = time.time()
-        report = world_report(out, recipe)
-        timings["report"] = time.time() - t
-        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    manifest = _write_manifest(out, recipe, scale, seed, jobs, timings)
-    return {"report": report, "manifest": manifest}
+
+def _recipe(scale: str, clip_vision: str | None) -> Recipe:
+    """The recipe of ``scale``, its CLIP's image tower ``clip_vision`` when given."""
+    from rewards.world import VISION_TOWERS
+
+    recipe = Recipe.for_scale(scale)
+    if clip_vision is None:
+        return recipe
+    if clip_vision not in VISION_TOWERS:
+        raise ValueError(f"clip_vision={clip_vision!r} must be one of {', '.join(VISION_TOWERS)}")
+    return replace(recipe, clip_vision=clip_vision)
 
 
 def _stage(out: Path, name: str, train: Callable[[Path], object], timings: dict) -> None:
