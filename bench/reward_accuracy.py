@@ -29,14 +29,9 @@ def run(
     from rewards import world
     from rewards.evaluate import format_table, preference_accuracy, score_triplets
     from rewards.ict_hp import ICTHPReward
+    from rewards.objective import Objective, build_model
     from rewards.registry import build_reward, save_reward
-    from rewards.training import (
-        Objective,
-        build_model,
-        make_dataset,
-        make_eval_loader,
-        run_training,
-    )
+    from rewards.training import make_dataset, make_eval_loader, run_training
     from rlhf.quickstart import reward_config
     from rlhf.world.triplets import build_triplets
 

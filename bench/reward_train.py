@@ -57,7 +57,8 @@ def _cfg(kind: str, root: Path, steps: int, batch: int, workers: int, name: str)
 
 
 def plain_step_times(cfg, warmup: int) -> tuple[list[float], float]:
-    from rewards.training import Objective, build_model, make_dataset, run_training
+    from rewards.objective import Objective, build_model
+    from rewards.training import make_dataset, run_training
 
     torch.set_num_threads(2)
     t0 = time.perf_counter()

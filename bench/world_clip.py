@@ -60,10 +60,11 @@ def run(args) -> dict:
 
     from rewards.backbones import tokenize
     from rewards.world import clip as C
+    from rewards.world.tokenizer import build_tokenizer
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    tok = C.build_tokenizer()
+    tok = build_tokenizer()
     model = C.create_model(C.model_config(len(tok), "full", args.vision))
     images, pos, neg = _pairs(args.scenes, args.seed, args.k, args.twin_first)
     pos_ids = tokenize(tok, pos)

@@ -28,7 +28,7 @@ def run(world: str | None, prompts: int) -> dict:
     from rewards.world import scenes as S
     from rewards.world.judge import Judge
     from rlhf.world import sd3
-    from rlhf.world.build import eval_specs, load_world_generator
+    from rlhf.world.sampling import eval_specs, load_world_generator
 
     torch.set_num_threads(1)
     root = Path(world) if world else W.ASSETS

@@ -6,7 +6,7 @@ judge's verdict per image (BENCHMARKS.md, section 0).
 
 Writes the first ``--n`` samples as a grid (``--grid``) and a text file beside it with the
 prompts in grid order and the judge's verdict; reports GenEval-mini on ``--prompts`` held-out
-prompts (``rlhf.world.build.eval_specs``, the six categories in turn, seeds 0, 1, ...).
+prompts (``rlhf.world.sampling.eval_specs``, the six categories in turn, seeds 0, 1, ...).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ def run(world: str | None, n: int, prompts: int, steps: int, guidance: float, gr
     from rewards import world as W
     from rewards.world.judge import Judge
     from rlhf.image_stats import grid, to_uint8
-    from rlhf.world.build import Recipe, eval_specs, sample_world
+    from rlhf.world.build import Recipe
+    from rlhf.world.sampling import eval_specs, sample_world
 
     torch.set_num_threads(1)
     root = Path(world) if world else W.ASSETS

@@ -235,7 +235,6 @@ def convert_to_parquet(frame: pd.DataFrame, out_path, embed_images: bool = True)
     Returns ``{"written": n, "skipped": m}``.
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     _check_columns(frame, "DataFrame")
     labels = [c for c in LABEL_COLUMNS if c in frame.columns]
@@ -266,14 +265,7 @@ def convert_to_parquet(frame: pd.DataFrame, out_path, embed_images: bool = True)
             cols[c].append(images[c] if embed_images else str(row[c]))
         for c in labels:
             cols[c].append(_label(row[c]))
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    try:
-        pq.write_table(pa.table(cols, schema=schema), tmp)
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    out_path = write_table_atomic(pa.table(cols, schema=schema), out_path)
     written = len(cols[PROMPT_COLUMNS[0]])
     log.info("wrote %d triplets to %s (%d skipped)", written, out_path, skipped)
     return {"written": written, "skipped": skipped}

@@ -1,4 +1,5 @@
-"""Reward-model training: the reward's config sections, objective, data, one plain loop.
+"""Reward-model training: the reward's config sections, data, optimiser, one plain loop (the
+objective and the model to train are in :mod:`rewards.objective`).
 
 The same pieces run in a single plain process (tests, benchmarks) and inside a Ray Train
 worker (:mod:`rlhf.train_reward`), which only adds the process group, reporting and
@@ -21,9 +22,6 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from rewards.data import RankedDataset, TripletDataset, is_ranked_file
 from rewards.evaluate import pair_accuracy, preference_accuracy, score_triplets
-from rewards.labels import fill_labels, rule_labels, teacher_labels
-from rewards.losses import hp_loss, ict_hp_loss, ict_loss, pairwise_loss
-from rewards.registry import RewardSpec, build_reward
 
 log = logging.getLogger(__name__)
 # ict and hp as the paper; pickscore: a CLIP trained on I2 > I1 alone with PickScore's
@@ -146,146 +144,7 @@ def make_eval_loader(ds: TripletDataset, batch_size: int) -> DataLoader:
     return DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=ds.collate)
 
 
-# --------------------------------------------------------------------------- objective
-
-
-def _gather(t: torch.Tensor) -> torch.Tensor:
-    """All-gather along dim 0 with gradient (so in-batch negatives span every rank).
-
-    Ranks may hold different batch sizes (corrupt rows are dropped), so rows are padded to
-    the largest and the padding cut off again.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return t
-    import torch.distributed.nn as dist_nn
-
-    world = dist.get_world_size()
-    n = torch.tensor([t.shape[0]], device=t.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes = [int(x) for x in sizes]
-    pad = max(sizes) - t.shape[0]
-    if pad:
-        t = torch.cat([t, t.new_zeros(pad, *t.shape[1:])])
-    parts = dist_nn.all_gather(t.contiguous())
-    return torch.cat([p[:k] for p, k in zip(parts, sizes)])
-
-
-class Objective:
-    """``batch -> {"loss": scalar, <parts>...}`` for ICT or HP training."""
-
-    def __init__(self, cfg, model, teacher=None, ict_model=None):
-        self.cfg, self.model, self.teacher, self.ict_model = cfg, model, teacher, ict_model
-
-    def labels(self, batch) -> torch.Tensor:
-        lc = self.cfg.labels
-        labels = batch["labels"]
-        if lc.source == "rule":
-            rows = [
-                rule_labels(e, r, lc.rule_e1, lc.rule_e2)
-                for e, r in zip(batch["easy_prompt"], batch["refine_prompt"])
-            ]
-            return torch.tensor(rows, dtype=labels.dtype)
-        computed = None
-        if lc.source == "teacher" and torch.isnan(labels).any():
-            computed = teacher_labels(
-                self.teacher,
-                batch["images"],
-                batch["easy_prompt"],
-                batch["refine_prompt"],
-                lc.theta,
-            )
-        return fill_labels(labels, computed)
-
-    def _ranked(self, batch) -> dict[str, torch.Tensor]:
-        """ImageReward's loss: ``softplus(worse - better)`` on raw head outputs, the mean
-        over every ranked pair of the global batch. Triplets give I1 < I2, I2 < I3, I1 < I3."""
-        if "pairs" in batch:
-            images, prompts, pairs = batch["images"], batch["prompts"], batch["pairs"]
-        else:
-            b = batch["images"].shape[0]
-            images = batch["images"].reshape(b * 3, *batch["images"].shape[2:])
-            prompts = [p for p in batch["easy_prompt"] for _ in range(3)]
-            # [better, worse] within each triplet (I1, I2, I3 at 3i, 3i+1, 3i+2).
-            pairs = torch.tensor([[1, 0], [2, 1], [2, 0]], device=images.device)
-            pairs = (pairs + 3 * torch.arange(b, device=images.device).view(b, 1, 1)).view(-1, 2)
-        logits = self.model.logits(images, prompts)
-        return pairwise_loss(_gather(logits[pairs[:, 1]]), _gather(logits[pairs[:, 0]]))
-
-    def __call__(self, batch) -> dict[str, torch.Tensor]:
-        images = batch["images"]  # (B, 3, 3, H, W)
-        b = images.shape[0]
-        flat = images.reshape(b * 3, *images.shape[2:])
-        lc = self.cfg.loss
-        if self.cfg.kind == "ict":
-            text = self.model.text_features(
-                list(batch["easy_prompt"]) + list(batch["refine_prompt"])
-            )
-            easy, ref = text.chunk(2)
-            img = self.model.image_features(flat).view(b, 3, -1)
-            labels = self.labels(batch).to(img)
-            return ict_loss(
-                _gather(easy),
-                _gather(ref),
-                _gather(img),
-                _gather(labels),
-                lc.neg_weight,
-                lc.neg_scale,
-                lc.neg_threshold,
-                lc.neg_sharpness,
-            )
-        if self.cfg.kind == "imagereward":
-            return self._ranked(batch)
-        if self.cfg.kind == "pickscore":
-            prompts = list(batch["easy_prompt"])
-            s1 = self.model.score(images[:, 0], prompts)
-            s2 = self.model.score(images[:, 1], prompts)
-            return pairwise_loss(_gather(s1), _gather(s2))
-        # Over the global batch, as the reference: the ICT-HP term is a batch sum, which a
-        # per-rank sum averaged by DDP would divide by the number of workers.
-        logits = _gather(self.model.logits(flat).view(b, 3))
-        out = hp_loss(logits, lc.margin)
-        out["loss"] = lc.hp_weight * out["loss"]
-        if lc.icthp_weight > 0:
-            with torch.no_grad():
-                # ``flat`` is triplet-major (I1, I2, I3 of triplet 0, then of triplet 1, ...).
-                prompts = [p for p in batch["easy_prompt"] for _ in range(3)]
-                cos = self.ict_model.score(flat, prompts)
-            extra = ict_hp_loss(_gather(cos.view(b, 3)), logits, lc.margin)
-            out.update({k: v for k, v in extra.items() if k != "loss"})
-            out["loss"] = out["loss"] + lc.icthp_weight * extra["loss"]
-        return out
-
-
-def build_model(cfg):
-    """The trainable reward model (train mode, freezing applied), plus the frozen helpers."""
-    model = build_reward(RewardSpec.from_dict({"name": cfg.kind, **cfg.model}, "model")).train()
-    model.backbone.freeze(cfg.freeze.text_fraction, cfg.freeze.vision_fraction)
-    if cfg.kind == "hp":
-        # HP never uses the text tower; keep it out of the optimizer and of DDP's bookkeeping.
-        model.backbone.freeze(text_fraction=1.0)
-    for name, p in model.named_parameters():
-        # Cosine rewards do not use CLIP's contrastive temperature: a parameter without a
-        # gradient would stall DDP.
-        if name.endswith(("logit_scale", "logit_bias")):
-            p.requires_grad_(False)
-    for mod in model.modules():
-        for name, p in list(mod._parameters.items()):
-            # DeepSpeed cannot broadcast 0-dim parameters; frozen ones work as buffers
-            # (same state-dict key, so checkpoints are unchanged).
-            if p is not None and p.dim() == 0 and not p.requires_grad:
-                del mod._parameters[name]
-                mod.register_buffer(name, p.detach())
-    teacher = ict_model = None
-    if cfg.labels.source == "teacher":
-        teacher = build_reward(RewardSpec.from_dict(cfg.labels.teacher, "labels.teacher"))
-        teacher.requires_grad_(False)
-    if cfg.ict_model:
-        ict_model = build_reward(
-            RewardSpec.from_dict({"name": "ict", **cfg.ict_model}, "ict_model")
-        )
-        ict_model.requires_grad_(False)
-    return model, teacher, ict_model
+# --------------------------------------------------------------------------- the loop
 
 
 def make_optimizer(cfg: OptimConfig, params, total_steps: int):
@@ -367,16 +226,7 @@ def run_training(
     if optimizer is None:
         optimizer, scheduler = make_optimizer(cfg.optim, model.parameters(), total)
     backward = backward or (lambda loss: loss.backward())
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def default_step():
-        if cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step_fn = step_fn or default_step
+    step_fn = step_fn or _default_step(cfg.optim.grad_clip, model, optimizer, scheduler)
     device = next(model.parameters()).device
     step = start_step
     t_last, n_since = time.perf_counter(), 0
@@ -386,22 +236,7 @@ def run_training(
         loader.sampler.skip = offset * cfg.optim.batch_size
         for batch in loader:
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            # A batch whose rows were all unreadable: every rank skips the step together.
-            if _any_rank(batch["images"].shape[0] == 0, device):
-                log.warning("step %d: empty batch (unreadable rows), skipped", step)
-                out = {"loss": torch.tensor(float("nan"))}
-                skipped = True
-            else:
-                out = objective(batch)
-                loss = out["loss"]
-                # All ranks skip together, or the gradient all-reduce would hang.
-                skipped = _any_rank(not bool(torch.isfinite(loss.detach())), device)
-                if skipped:
-                    log.warning("step %d: non-finite loss %s, update skipped", step, loss.item())
-                    optimizer.zero_grad(set_to_none=True)
-                else:
-                    backward(loss)
-                    step_fn()
+            out, skipped = _update(batch, step, objective, backward, step_fn, optimizer, device)
             step += 1
             n_since += batch["images"].shape[0] * world
             metrics = {k: float(v.detach()) for k, v in out.items()}
@@ -420,3 +255,37 @@ def run_training(
             if step >= total:
                 break
     return model
+
+
+def _default_step(grad_clip: float, model, optimizer, scheduler) -> Callable[[], None]:
+    """Clip the trainable parameters' gradient norm to ``grad_clip`` (0: no clipping), then
+    step the optimizer and the scheduler."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _update(batch, step: int, objective, backward, step_fn, optimizer, device):
+    """``(objective's outputs, skipped)`` for one batch, updated unless every rank skips it."""
+    # A batch whose rows were all unreadable: every rank skips the step together.
+    if _any_rank(batch["images"].shape[0] == 0, device):
+        log.warning("step %d: empty batch (unreadable rows), skipped", step)
+        return {"loss": torch.tensor(float("nan"))}, True
+    out = objective(batch)
+    loss = out["loss"]
+    # All ranks skip together, or the gradient all-reduce would hang.
+    skipped = _any_rank(not bool(torch.isfinite(loss.detach())), device)
+    if skipped:
+        log.warning("step %d: non-finite loss %s, update skipped", step, loss.item())
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        backward(loss)
+        step_fn()
+    return out, skipped

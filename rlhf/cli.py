@@ -34,7 +34,7 @@ def _reward_arg(text: str) -> dict:
 
 
 def cmd_rewards_list(args) -> int:
-    from rewards.registry import list_rewards
+    from rewards.builtin_rewards import list_rewards
 
     rewards = list_rewards()
     width = max(map(len, rewards))
@@ -260,16 +260,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="also show library messages, Python warnings, debug lines and tracebacks",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
+    _add_quickstart(sub)
+    _add_rewards(sub)
+    _add_data(sub)
+    _add_eval_reward(sub)
+    _add_train_reward(sub)
+    _add_finetune(sub)
+    _add_world(sub)
+    return p
 
+
+def _add_quickstart(sub) -> None:
     q = _parser(sub, "quickstart", "CPU end-to-end demo on tiny models (no downloads)")
     q.add_argument("--out", default="quickstart_out", help="folder for data, results, images")
     q.add_argument("--fast", action="store_true", help="fewer steps (a smoke test, for CI)")
     q.set_defaults(func=cmd_quickstart)
 
+
+def _add_rewards(sub) -> None:
     r = _parser(sub, "rewards", "the reward registry (rlhf rewards list)")
     rs = r.add_subparsers(dest="rewards_cmd", required=True, metavar="COMMAND")
     _parser(rs, "list", "list built-in rewards").set_defaults(func=cmd_rewards_list)
 
+
+def _add_data(sub) -> None:
     d = _parser(sub, "data", "triplet data tools")
     ds = d.add_subparsers(dest="data_cmd", required=True, metavar="COMMAND")
     s = _parser(ds, "synth", "write synthetic triplets to Parquet")
@@ -293,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-embed", action="store_true", help="keep image paths, not bytes")
     c.set_defaults(func=cmd_data_convert)
 
+
+def _add_eval_reward(sub) -> None:
     e = _parser(sub, "eval-reward", "preference accuracy of rewards on triplets")
     e.add_argument("data", metavar="DATA", help="a Parquet triplet file (see rlhf data)")
     e.add_argument(
@@ -314,16 +330,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="also write the results here")
     e.set_defaults(func=cmd_eval_reward)
 
+
+def _add_train_reward(sub) -> None:
     t = _parser(sub, "train-reward", "train ICT or HP as a Ray Train job")
     t.add_argument("config", help="a reward-training config, e.g. configs/reward_ict.yaml")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4")
     t.set_defaults(func=cmd_train_reward)
 
+
+def _add_finetune(sub) -> None:
     f = _parser(sub, "finetune", "DRaFT-K fine-tuning of SD3/SD3.5 against rewards")
     f.add_argument("config", nargs="?", help="a run config, e.g. configs/quickstart.yaml")
     f.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=10")
     f.add_argument("--resume", metavar="RUN_ID", help="continue an MLflow run from its checkpoint")
     f.set_defaults(func=cmd_finetune)
+
+
+def _add_world(sub) -> None:
+    from rewards.world import VISION_TOWERS
 
     w = _parser(sub, "world", "the miniature world: pretrained tiny CLIP, SD3 and judge")
     ws = w.add_subparsers(dest="world_cmd", required=True, metavar="COMMAND")
@@ -345,8 +369,6 @@ def build_parser() -> argparse.ArgumentParser:
     wb.add_argument(
         "--jobs", type=int, default=2, help="processes (2: the CLIP beside the judge and VAE)"
     )
-    from rewards.world import VISION_TOWERS
-
     wb.add_argument(
         "--clip-vision",
         choices=VISION_TOWERS,
@@ -357,7 +379,6 @@ def build_parser() -> argparse.ArgumentParser:
     wv = _parser(ws, "verify", "check the world's files against its manifest")
     wv.add_argument("--out", default=None, help="the world folder (default: the shipped one)")
     wv.set_defaults(func=cmd_world_verify)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

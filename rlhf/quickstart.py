@@ -88,10 +88,8 @@ def before_after_grid(samples: Path, out: Path) -> Path | None:
 def run_quickstart(out: Path, fast: bool = False) -> dict:
     import torch
 
-    from rewards.evaluate import format_table, preference_accuracy, score_triplets, write_json
-    from rewards.registry import build_reward
-    from rewards.training import make_dataset, make_eval_loader
-    from rlhf.train_reward import run_job
+    from rewards.evaluate import format_table, write_json
+    from rewards.training import make_dataset
 
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -111,6 +109,47 @@ def run_quickstart(out: Path, fast: bool = False) -> dict:
         "prompts dropped: the judge saw no winner)"
     )
 
+    trained = train_rewards(cfgs, timings)
+    ict_uri, hp_uri = trained["ict"]["model_uri"], trained["hp"]["model_uri"]
+
+    _banner("4/5 preference accuracy on held-out Pick-High-mini triplets")
+    t = time.perf_counter()
+    results = accuracy_table(eval_ds, ict_uri, hp_uri)
+    timings["evaluate"] = time.perf_counter() - t
+    table = format_table(results)
+    print(table)
+
+    _banner("5/5 DRaFT-K: the world SD3, 2 generator workers (DeepSpeed ZeRO-2), ICT + HP")
+    t = time.perf_counter()
+    finetune = run_finetune(out, ict_uri, hp_uri, fast)
+    timings["finetune"] = time.perf_counter() - t
+    grid = before_after_grid(Path(finetune["samples"]), out / "before_after.png")
+    before, after = finetune.get("reward_before") or {}, finetune.get("reward_after") or {}
+    summary = {
+        "triplets": stats,
+        "rewards": trained,
+        "accuracy": results,
+        "finetune": finetune,
+        "geneval_mini": {
+            "before": before.get("eval/reward/geneval_mini"),
+            "after": after.get("eval/reward/geneval_mini"),
+        },
+        "jpeg_ratio": {
+            "before": before.get("eval/jpeg_ratio"),
+            "after": after.get("eval/jpeg_ratio"),
+        },
+        "before_after_grid": str(grid) if grid else None,
+        "timings_s": timings,
+    }
+    write_json(summary, out / "summary.json")
+    print_summary(summary, table, out)
+    return summary
+
+
+def train_rewards(cfgs: dict[str, RewardTrainConfig], timings: dict[str, float]) -> dict:
+    """Phases 2 and 3: ICT, then HP, as Ray Train jobs; their summaries by kind."""
+    from rlhf.train_reward import run_job
+
     trained = {}
     for i, kind in enumerate(("ict", "hp"), start=2):
         _banner(f"{i}/5 train {kind.upper()} from the world CLIP (Ray Train, 2 workers)")
@@ -119,11 +158,19 @@ def run_quickstart(out: Path, fast: bool = False) -> dict:
         timings[f"train_{kind}"] = time.perf_counter() - t
         s = trained[kind]
         print(f"registered {s['model_uri']} (run {s['run_id']}, best step {s['best_step']})")
+    return trained
 
-    _banner("4/5 preference accuracy on held-out Pick-High-mini triplets")
-    t = time.perf_counter()
+
+def accuracy_table(eval_ds, ict_uri: str, hp_uri: str) -> dict[str, dict]:
+    """Phase 4: the paper's preference accuracy on ``eval_ds`` of the world CLIP's score and of
+    the trained ICT, HP and ICT-HP, by row label."""
+    import torch
+
+    from rewards.evaluate import preference_accuracy, score_triplets
+    from rewards.registry import build_reward
+    from rewards.training import make_eval_loader
+
     loader = make_eval_loader(eval_ds, 64)
-    ict_uri, hp_uri = trained["ict"]["model_uri"], trained["hp"]["model_uri"]
     rows = {
         "CLIP score (world CLIP)": {"name": "clip", "options": WORLD},
         "ICT (trained)": {"name": "ict", "checkpoint": ict_uri},
@@ -137,43 +184,28 @@ def run_quickstart(out: Path, fast: bool = False) -> dict:
     for label, spec in rows.items():
         torch.manual_seed(0)
         results[label] = preference_accuracy(score_triplets(build_reward(spec), loader))
-    timings["evaluate"] = time.perf_counter() - t
-    table = format_table(results)
-    print(table)
+    return results
 
-    _banner("5/5 DRaFT-K: the world SD3, 2 generator workers (DeepSpeed ZeRO-2), ICT + HP")
-    t = time.perf_counter()
-    finetune = run_finetune(out, ict_uri, hp_uri, fast)
-    timings["finetune"] = time.perf_counter() - t
-    grid = before_after_grid(Path(finetune["samples"]), out / "before_after.png")
-    before, after = finetune.get("reward_before") or {}, finetune.get("reward_after") or {}
-    geneval = {
-        "before": before.get("eval/reward/geneval_mini"),
-        "after": after.get("eval/reward/geneval_mini"),
-    }
-    jpeg = {"before": before.get("eval/jpeg_ratio"), "after": after.get("eval/jpeg_ratio")}
 
-    summary = {
-        "triplets": stats,
-        "rewards": trained,
-        "accuracy": results,
-        "finetune": finetune,
-        "geneval_mini": geneval,
-        "jpeg_ratio": jpeg,
-        "before_after_grid": str(grid) if grid else None,
-        "timings_s": timings,
-    }
-    write_json(summary, out / "summary.json")
-    _banner("summary")
+def print_summary(summary: dict, table: str, out: Path) -> None:
+    """The closing lines: the accuracy table, the fine-tuning run's summary, GenEval-mini and
+    JPEG ratio before -> after, the grid, the phases' seconds, the MLflow runs."""
     from rlhf.run_records import summary_lines
 
+    _banner("summary")
+    finetune, trained = summary["finetune"], summary["rewards"]
     print(table)
     print("\n".join(summary_lines(finetune)))
-    for name, d in (("GenEval-mini mean", geneval), ("JPEG compression ratio", jpeg)):
+    for name, key in (
+        ("GenEval-mini mean", "geneval_mini"),
+        ("JPEG compression ratio", "jpeg_ratio"),
+    ):
+        d = summary[key]
         if d["before"] is not None and d["after"] is not None:
             print(f"  {name:<28} {d['before']:8.4f} -> {d['after']:8.4f}")
-    if grid:
-        print(f"  before | after grid: {grid}")
+    if summary["before_after_grid"]:
+        print(f"  before | after grid: {summary['before_after_grid']}")
+    timings = summary["timings_s"]
     print("phase seconds: " + json.dumps({k: round(v, 1) for k, v in timings.items()}))
     print(
         f"MLflow runs: ICT {trained['ict']['run_id']}, HP {trained['hp']['run_id']}, "
@@ -186,7 +218,6 @@ def run_quickstart(out: Path, fast: bool = False) -> dict:
         else f"browse: `mlflow ui --backend-store-uri {uri}`"
     )
     print(f"results: {out / 'summary.json'}")
-    return summary
 
 
 def run_finetune(out: Path, ict_uri: str, hp_uri: str, fast: bool) -> dict:

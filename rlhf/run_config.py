@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from rewards.builtin_rewards import EVAL_ONLY
 from rewards.errors import ConfigError
-from rewards.registry import EVAL_ONLY, RewardSpec
+from rewards.registry import RewardSpec
 from rlhf.policy_config import PolicyConfig
 from rlhf.resources import ActorResources, ScalingConfig
 from rlhf.run_sections import CheckpointConfig, MlflowConfig, check_run_location

@@ -14,17 +14,18 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from rewards.objective import Objective, build_model
 from rewards.registry import load_reward, save_reward
 from rewards.training import (
-    Objective,
     StepResult,
-    build_model,
     make_dataset,
     make_eval_loader,
     make_optimizer,
@@ -121,7 +122,6 @@ def _rank() -> int:
 def train_func(config: dict) -> None:
     """One Ray Train worker."""
     import ray.train
-    import ray.train.torch
 
     console.setup()  # -v (RLHF_VERBOSE) decides what this worker's libraries may print
     cfg = bind(RewardTrainConfig, config["cfg"])
@@ -134,47 +134,115 @@ def train_func(config: dict) -> None:
     train_ds = make_dataset(cfg.data, "train")
     eval_loader = make_eval_loader(make_dataset(cfg.data, "eval"), 64) if rank == 0 else None
     total = total_steps(cfg, len(train_ds))
+    start, run_id, ckpt_dir = _resume(model, rank)
+    eng = _prepare(cfg, objective, total, ckpt_dir, world)
+    if rank == 0:
+        run_id = _start_run(config["tracking_uri"], cfg, run_id)
+    on_step = _on_step(cfg, rank, total, start, run_id, model, eng, config.get("interrupt_after"))
+    run_training(
+        cfg,
+        model,
+        eng.forward,
+        train_ds,
+        eval_loader,
+        rank=rank,
+        world=world,
+        backward=eng.backward,
+        step_fn=eng.step_fn,
+        optimizer=eng.optimizer,
+        scheduler=eng.scheduler,
+        start_step=start,
+        on_step=on_step,
+    )
+    if rank == 0:
+        import mlflow
 
-    start, run_id = 0, None
+        mlflow.end_run()
+
+
+def _resume(model: nn.Module, rank: int) -> tuple[int, str | None, Path | None]:
+    """``(step, MLflow run id, checkpoint folder)`` of the checkpoint Ray Train hands this
+    worker, its weights loaded into ``model``; ``(0, None, None)`` when there is none."""
+    import ray.train
+
     ckpt = ray.train.get_checkpoint()
-    ckpt_dir = None
-    if ckpt is not None:
-        # A private copy per rank: ranks sharing one copy raced on its files.
-        ckpt_dir = Path(ckpt.to_directory(tempfile.mkdtemp(prefix=f"resume_r{rank}_")))
-        state = json.loads((ckpt_dir / STATE_FILE).read_text())
-        start, run_id = state["step"], state["mlflow_run_id"]
-        resumed = load_reward(ckpt_dir / MODEL_DIR)
-        model.load_state_dict(resumed.state_dict())
+    if ckpt is None:
+        return 0, None, None
+    # A private copy per rank: ranks sharing one copy raced on its files.
+    ckpt_dir = Path(ckpt.to_directory(tempfile.mkdtemp(prefix=f"resume_r{rank}_")))
+    state = json.loads((ckpt_dir / STATE_FILE).read_text())
+    resumed = load_reward(ckpt_dir / MODEL_DIR)
+    model.load_state_dict(resumed.state_dict())
+    return state["step"], state["mlflow_run_id"], ckpt_dir
+
+
+@dataclass
+class _Engine:
+    """What the loop drives: ``forward`` (DDP, the DeepSpeed engine or the objective itself),
+    ``backward`` and ``step_fn`` (None: the loop's own), the optimizer and scheduler, and the
+    DeepSpeed engine (None under DDP)."""
+
+    forward: Callable
+    backward: Callable | None
+    step_fn: Callable | None
+    optimizer: Any
+    scheduler: Any
+    engine: Any = None
+
+
+def _prepare(cfg: RewardTrainConfig, objective: Objective, total: int, ckpt_dir, world: int):
+    """DeepSpeed or DDP around ``objective``, the optimizer and scheduler restored from
+    ``ckpt_dir`` (a checkpoint folder, or None). Collective."""
+    import ray.train.torch
 
     wrapped = _ObjectiveModule(objective)
-    optimizer, scheduler = make_optimizer(cfg.optim, model.parameters(), total)
-    engine = None
+    optimizer, scheduler = make_optimizer(cfg.optim, objective.model.parameters(), total)
     if cfg.scaling.strategy == "deepspeed":
         engine, optimizer, scheduler = deepspeed_engine(
             cfg, wrapped, optimizer, scheduler, ckpt_dir / "deepspeed" if ckpt_dir else None
         )
-        forward, backward, step_fn = engine, engine.backward, engine.step
+        return _Engine(engine, engine.backward, engine.step, optimizer, scheduler, engine)
+    if ckpt_dir is not None:
+        st = torch.load(ckpt_dir / OPTIM_FILE, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(st["optimizer"])
+        scheduler.load_state_dict(st["scheduler"])
+    ddp = ray.train.torch.prepare_model(wrapped) if world > 1 else wrapped
+    return _Engine(ddp, None, None, optimizer, scheduler)
+
+
+def _start_run(tracking_uri: str, cfg: RewardTrainConfig, run_id: str | None) -> str:
+    """Start (``run_id`` None, logging the config) or reopen the MLflow run; its id."""
+    import mlflow
+
+    # The driver resolved the store; workers may run with another environment or cwd.
+    tracking.setup(tracking_uri, cfg.mlflow.experiment)
+    if run_id is None:
+        run = mlflow.start_run(run_name=cfg.name)
+        mlflow.log_params({k: str(v)[:500] for k, v in flatten(asdict(cfg)).items()})
     else:
-        if ckpt_dir is not None:
-            st = torch.load(ckpt_dir / OPTIM_FILE, map_location="cpu", weights_only=True)
-            optimizer.load_state_dict(st["optimizer"])
-            scheduler.load_state_dict(st["scheduler"])
-        ddp = ray.train.torch.prepare_model(wrapped) if world > 1 else wrapped
-        forward, backward, step_fn = ddp, None, None
-    objective_call = forward
+        run = mlflow.start_run(run_id=run_id)
+    return run.info.run_id
+
+
+def _on_step(
+    cfg: RewardTrainConfig,
+    rank: int,
+    total: int,
+    start: int,
+    run_id: str | None,
+    model: nn.Module,
+    eng: _Engine,
+    interrupt_after: int | None,
+) -> Callable[[StepResult, bool], None]:
+    """The loop's ``on_step``: rank 0 logs each step's metrics (once: a step already in the
+    run is not logged again) and prints progress; every rank saves a checkpoint and reports it
+    to Ray Train at the same steps. ``interrupt_after``: fail after that step (tests)."""
+    import ray.train
 
     mlflow = None
     if rank == 0:
         import mlflow
 
-        # The driver resolved the store; workers may run with another environment or cwd.
-        tracking.setup(config["tracking_uri"], cfg.mlflow.experiment)
-        if run_id is None:
-            run = mlflow.start_run(run_name=cfg.name)
-            mlflow.log_params({k: str(v)[:500] for k, v in flatten(asdict(cfg)).items()})
-        else:
-            run = mlflow.start_run(run_id=run_id)
-        run_id = run.info.run_id
         already = set(tracking.logged_steps(run_id, "train/loss"))
     t0 = time.perf_counter()
     last_print = [0.0]
@@ -203,58 +271,48 @@ def train_func(config: dict) -> None:
                 _save_checkpoint(
                     Path(d),
                     model,
-                    optimizer,
-                    scheduler,
+                    eng.optimizer,
+                    eng.scheduler,
                     r.step,
                     run_id,
                     cfg.scaling.strategy,
-                    engine,
+                    eng.engine,
                 )
                 metrics = {"step": r.step, "mean_acc": r.metrics.get("eval/mean", -1.0)}
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        if cfg_interrupt := config.get("interrupt_after"):
-            if r.step == cfg_interrupt:
-                raise RuntimeError(f"interrupted after step {r.step} (interrupt_after)")
+        if interrupt_after and r.step == interrupt_after:
+            raise RuntimeError(f"interrupted after step {r.step} (interrupt_after)")
 
-    run_training(
-        cfg,
-        model,
-        objective_call,
-        train_ds,
-        eval_loader,
-        rank=rank,
-        world=world,
-        backward=backward,
-        step_fn=step_fn,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        start_step=start,
-        on_step=on_step,
-    )
-    if rank == 0:
-        mlflow.end_run()
+    return on_step
 
 
 def run_job(cfg: RewardTrainConfig, interrupt_after: int | None = None) -> dict:
     """Run the job on the current Ray cluster (starting a local one if none), register the
     best checkpoint's model in MLflow, and return a summary."""
-    import mlflow
     import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
         # "local": a new Ray, never whatever cluster `ray start` left on this machine.
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", configure_logging=False)
     tracking.setup(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
+    result = _trainer(cfg, interrupt_after, uri).fit()
+    return _register_best(cfg, result)
+
+
+def _trainer(cfg: RewardTrainConfig, interrupt_after: int | None, tracking_uri: str):
+    """The ``TorchTrainer`` of the job: :func:`train_func` on ``scaling`` workers, Ray Train's
+    checkpoints kept by held-out mean accuracy, restarts up to ``scaling.max_failures``."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     sc = cfg.scaling
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_func,
         train_loop_config={
             "cfg": asdict(cfg),
             "interrupt_after": interrupt_after,
-            "tracking_uri": uri,
+            "tracking_uri": tracking_uri,
         },
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -273,7 +331,13 @@ def run_job(cfg: RewardTrainConfig, interrupt_after: int | None = None) -> dict:
             failure_config=ray.train.FailureConfig(max_failures=sc.max_failures),
         ),
     )
-    result = trainer.fit()
+
+
+def _register_best(cfg: RewardTrainConfig, result) -> dict:
+    """Register the model of ``result``'s best checkpoint (by held-out mean accuracy) under
+    ``mlflow.register_as`` (or the kind) and return the job's summary."""
+    import mlflow
+
     best = max(result.best_checkpoints, key=lambda cm: cm[1].get("mean_acc", -1))
     best_ckpt, best_metrics = best
     with best_ckpt.as_directory() as d:

@@ -1,11 +1,7 @@
-"""The world's tiny CLIP: a word-level BPE tokenizer over the world's vocabulary, an open_clip
-model (``world-clip``) pretrained contrastively on rendered (image, caption) pairs with
-attribute-swapped hard negatives, and its held-out caption-choice accuracy.
-
-The tokenizer is a ``transformers.CLIPTokenizer`` whose merges build every world word into
-one token (other text falls back to bytes, so nothing is unknown); its ~1k-token vocabulary
-keeps the text tower small enough to ship. The end-of-text token has the highest id, so
-open_clip's argmax pooling and transformers' first-EOS pooling pick the same position.
+"""The world's tiny CLIP: an open_clip model (``world-clip``) with the world's own tokenizer
+(:mod:`rewards.world.tokenizer`), pretrained contrastively on rendered (image, caption) pairs
+with attribute-swapped hard negatives; its held-out caption-choice accuracy; and its text tower
+as a transformers ``CLIPTextModelWithProjection`` (SD3's text-encoder slots).
 """
 
 from __future__ import annotations
@@ -22,83 +18,13 @@ import torch.nn.functional as F
 
 from rewards.backbones import tokenize
 from rewards.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
-from rewards.bpe import bytes_to_unicode
 from rewards.world import VISION_TOWERS
 from rewards.world import scenes as S
+from rewards.world.tokenizer import CONTEXT_LENGTH, build_tokenizer
 
 log = logging.getLogger(__name__)
 
-CONTEXT_LENGTH = 32
 PERTURBATIONS = ("colour", "shape", "swap_colours", "count", "relation", "texture")
-
-
-def world_words() -> list[str]:
-    words = {"a", "an", "and", "of", "with", "texture", "lighting", "background", "one"}
-    for group in (
-        S.SHAPES,
-        S.PLURAL.values(),
-        S.COLOURS,
-        S.BACKGROUNDS,
-        S.COUNT_WORDS.values(),
-        S.RELATIONS,
-        S.TEXTURES,
-        S.LIGHTING,
-        S.SHADING,
-        S.BACKDROPS,
-    ):
-        for phrase in group:
-            words.update(phrase.split())
-    return sorted(words)
-
-
-def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
-    """CLIP's BPE of one word under ``ranks`` (lowest rank merges first)."""
-    parts = list(word[:-1]) + [word[-1] + "</w>"]
-    while len(parts) > 1:
-        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
-        rank, i = min(pairs)
-        if rank == 1 << 30:
-            break
-        parts[i : i + 2] = [parts[i] + parts[i + 1]]
-    return parts
-
-
-def tokenizer_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Vocabulary and merges: CLIP's 512 byte tokens, then for each world word the merges that
-    join what the earlier merges make of it into one ``word</w>`` token (later merges rank
-    higher, so they never split an earlier word), then the two specials."""
-    chars = bytes_to_unicode()
-    tokens = chars + [c + "</w>" for c in chars]
-    known = set(tokens)
-    ranks: dict[tuple[str, str], int] = {}
-    for word in world_words():
-        parts = _bpe(word, ranks)
-        left = parts[0]
-        for right in parts[1:]:
-            ranks[(left, right)] = len(ranks)
-            left = left + right
-            if left not in known:
-                tokens.append(left)
-                known.add(left)
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    merges = sorted(ranks, key=ranks.get)
-    return {t: i for i, t in enumerate(tokens)}, merges
-
-
-def build_tokenizer(context_length: int = CONTEXT_LENGTH):
-    """The world's ``CLIPTokenizer`` (pads with end-of-text to ``context_length``)."""
-    from transformers import CLIPTokenizer
-
-    vocab, merges = tokenizer_vocab()
-    return CLIPTokenizer(
-        vocab=vocab,
-        merges=merges,
-        bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-        model_max_length=context_length,
-    )
 
 
 def model_config(vocab_size: int, scale: str = "full", vision: str = "vit") -> dict:
@@ -396,29 +322,7 @@ def hf_text_encoder(model, tokenizer):
         "text_projection.weight": model.text_projection.T,
     }
     for i, b in enumerate(blocks):
-        p = f"text_model.encoder.layers.{i}."
-        q, k, v = b.attn.in_proj_weight.chunk(3)
-        qb, kb, vb = b.attn.in_proj_bias.chunk(3)
-        sd.update(
-            {
-                p + "self_attn.q_proj.weight": q,
-                p + "self_attn.q_proj.bias": qb,
-                p + "self_attn.k_proj.weight": k,
-                p + "self_attn.k_proj.bias": kb,
-                p + "self_attn.v_proj.weight": v,
-                p + "self_attn.v_proj.bias": vb,
-                p + "self_attn.out_proj.weight": b.attn.out_proj.weight,
-                p + "self_attn.out_proj.bias": b.attn.out_proj.bias,
-                p + "layer_norm1.weight": b.ln_1.weight,
-                p + "layer_norm1.bias": b.ln_1.bias,
-                p + "layer_norm2.weight": b.ln_2.weight,
-                p + "layer_norm2.bias": b.ln_2.bias,
-                p + "mlp.fc1.weight": b.mlp.c_fc.weight,
-                p + "mlp.fc1.bias": b.mlp.c_fc.bias,
-                p + "mlp.fc2.weight": b.mlp.c_proj.weight,
-                p + "mlp.fc2.bias": b.mlp.c_proj.bias,
-            }
-        )
+        sd.update(_hf_block_state(b, f"text_model.encoder.layers.{i}."))
     missing, unexpected = hf.load_state_dict(
         {k: v.detach().clone().contiguous() for k, v in sd.items()}, strict=False
     )
@@ -427,6 +331,30 @@ def hf_text_encoder(model, tokenizer):
     if missing or unexpected:
         raise RuntimeError(f"text tower conversion: missing {missing}, unexpected {unexpected}")
     return hf.eval()
+
+
+def _hf_block_state(b, p: str) -> dict:
+    """One open_clip residual block's weights under transformers' names, prefix ``p``."""
+    q, k, v = b.attn.in_proj_weight.chunk(3)
+    qb, kb, vb = b.attn.in_proj_bias.chunk(3)
+    return {
+        p + "self_attn.q_proj.weight": q,
+        p + "self_attn.q_proj.bias": qb,
+        p + "self_attn.k_proj.weight": k,
+        p + "self_attn.k_proj.bias": kb,
+        p + "self_attn.v_proj.weight": v,
+        p + "self_attn.v_proj.bias": vb,
+        p + "self_attn.out_proj.weight": b.attn.out_proj.weight,
+        p + "self_attn.out_proj.bias": b.attn.out_proj.bias,
+        p + "layer_norm1.weight": b.ln_1.weight,
+        p + "layer_norm1.bias": b.ln_1.bias,
+        p + "layer_norm2.weight": b.ln_2.weight,
+        p + "layer_norm2.bias": b.ln_2.bias,
+        p + "mlp.fc1.weight": b.mlp.c_fc.weight,
+        p + "mlp.fc1.bias": b.mlp.c_fc.bias,
+        p + "mlp.fc2.weight": b.mlp.c_proj.weight,
+        p + "mlp.fc2.bias": b.mlp.c_proj.bias,
+    }
 
 
 def load_clip(folder: str | Path):

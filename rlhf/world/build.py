@@ -14,25 +14,22 @@ Stages (each writes a folder under ``out`` and is skipped when that folder is co
               every file, the command and the seconds each stage took.
 
 ``--scale toy`` builds the same recipe at toy size (the CI test); ``full`` is what ships in
-``rewards/world/assets`` (CLIP, judge) and ``rlhf/world/assets/sd3``.
+``rewards/world/assets`` (CLIP, judge) and ``rlhf/world/assets/sd3``. The stages' training is
+in :mod:`rlhf.world.stages`; this module runs them and keeps the books.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from rewards.checkpoints import file_sha256
-from rewards.world import scenes as S
-
-log = logging.getLogger(__name__)
 
 STAGES = ("clip", "judge", "vae", "sd3", "ict", "report")
 
@@ -118,33 +115,6 @@ def _finish(tmp: Path, folder: Path, seconds: float) -> None:
     tmp.rename(folder)
 
 
-def _sd3_data(n: int, seed: int):
-    """Renders and captions for the generator: easy prompts drawn plainly (most), refined
-    prompts drawn with their detail, and full descriptions of either."""
-    images = np.empty((n, S.SIZE, S.SIZE, 3), np.uint8)
-    captions = []
-    for i in range(n):
-        rng = np.random.default_rng((seed, 7, i))
-        spec = S.sample_spec(rng)
-        u = rng.random()
-        detail = S.sample_detail(rng) if u >= 0.6 else None
-        scene = S.scene_for(spec, rng, detail)
-        images[i] = S.to_uint8(S.render(scene, rng))
-        if u < 0.6:
-            captions.append(spec.prompt())
-        elif u < 0.85:
-            captions.append(S.refine_prompt(spec.prompt(), detail))
-        else:
-            captions.append(S.describe(scene, rng))
-    return images, captions
-
-
-def eval_specs(n: int, seed: int = 4242) -> list[S.Spec]:
-    """Held-out easy prompts, the six categories in turn (GenEval's balance)."""
-    rng = np.random.default_rng(seed)
-    return [S.sample_spec(rng, S.CATEGORIES[i % len(S.CATEGORIES)]) for i in range(n)]
-
-
 def build_world(
     out: str | Path,
     scale: str = "full",
@@ -160,127 +130,99 @@ def build_world(
     ``jobs=2`` trains the CLIP in a second process while this one trains the judge and VAE
     (they do not depend on it); the SD3 waits for both. ``clip_vision``: the CLIP's image
     tower, ``vit`` or ``resnet`` (None: the recipe's)."""
-    from rewards.world import clip as C
-    from rewards.world import judge as J
-    from rlhf.world import sd3 as W
+    from rlhf.world.stages import world_report
 
     if threads:
         torch.set_num_threads(threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    recipe = Recipe.for_scale(scale)
-    if clip_vision is not None:
-        if clip_vision not in C.VISION_TOWERS:
-            raise ValueError(
-                f"clip_vision={clip_vision!r} must be one of {', '.join(C.VISION_TOWERS)}"
-            )
-        recipe = replace(recipe, clip_vision=clip_vision)
-    progress = True
-    timings: dict[str, float] = {}
-    clip_dir, judge_dir, sd3_dir = out / "clip", out / "judge", out / "sd3"
-
-    side = None
-    if jobs > 1 and "clip" in stages and not _done(clip_dir):
-        import multiprocessing as mp
-
-        side = mp.get_context("spawn").Process(
-            target=build_world, args=(out, scale, seed, ("clip",), threads, 1, recipe.clip_vision)
-        )
-        side.start()
-    if side is None and "clip" in stages and not _done(clip_dir):
-        t = time.time()
-        model, tok, cfg = C.train_clip(
-            recipe.clip_pairs,
-            recipe.clip_steps,
-            recipe.clip_batch,
-            lr=2e-3,
-            seed=seed,
-            scale=scale,
-            progress=progress,
-            vision=recipe.clip_vision,
-        )
-        tmp = out / ".clip.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        C.save_clip(model, tok, cfg, tmp)
-        _finish(tmp, clip_dir, time.time() - t)
-        timings["clip"] = time.time() - t
-        print(f"[world] clip: {timings['clip']:.0f} s", flush=True)
-
-    if "judge" in stages and not _done(judge_dir):
-        t = time.time()
-        judge = J.train_judge(
-            n_train=recipe.judge_train, steps=recipe.judge_steps, seed=seed, threads=None
-        )
-        tmp = out / ".judge.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        judge.save(tmp)
-        _finish(tmp, judge_dir, time.time() - t)
-        timings["judge"] = time.time() - t
-        print(f"[world] judge: {timings['judge']:.0f} s", flush=True)
-
-    vae_dir = out / "vae"
-    if ("vae" in stages or "sd3" in stages) and not (_done(vae_dir) or _done(sd3_dir)):
-        t = time.time()
-        images, _ = _sd3_data(recipe.sd3_images, seed)
-        vae = W.train_vae(
-            images, recipe.vae_steps, recipe.vae_batch, seed=seed, scale=scale, progress=progress
-        )
-        tmp = out / ".vae.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        vae.save_pretrained(str(tmp), safe_serialization=True)
-        _finish(tmp, vae_dir, time.time() - t)
-        timings["vae"] = time.time() - t
-        print(f"[world] vae: {timings['vae']:.0f} s", flush=True)
-
-    if side is not None:
-        side.join()
-        if side.exitcode != 0 or not _done(clip_dir):
-            raise RuntimeError(f"the clip stage failed in its process (exit {side.exitcode})")
-    if "sd3" in stages and not _done(sd3_dir):
-        from diffusers import AutoencoderKL
-
-        t = time.time()
-        model, tok = C.load_clip(clip_dir)
-        text_encoder = C.hf_text_encoder(model, tok)
-        images, captions = _sd3_data(recipe.sd3_images, seed)
-        vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval().requires_grad_(False)
-        latents = W.encode_latents(vae, images)
-        pipe = W.build_pipeline(
-            vae, W.new_transformer(text_encoder, scale, seed), text_encoder, tok
-        )
-        W.train_transformer(
-            pipe,
-            latents,
-            captions,
-            recipe.sd3_steps,
-            recipe.sd3_batch,
-            seed=seed,
-            progress=progress,
-        )
-        tmp = out / ".sd3.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        W.save_pipeline(pipe, tmp)
-        _finish(tmp, sd3_dir, time.time() - t)
-        shutil.rmtree(vae_dir)  # the diffusers folder holds its own copy
-        timings["sd3"] = time.time() - t
-        print(f"[world] sd3: {timings['sd3']:.0f} s", flush=True)
-
-    ict_dir = out / "ict"
-    if "ict" in stages and not _done(ict_dir):
-        t = time.time()
-        tmp = out / ".ict.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        stats = train_world_ict(out, tmp, recipe, seed)
-        _finish(tmp, ict_dir, time.time() - t)
-        timings["ict"] = time.time() - t
-        print(f"[world] ict: {timings['ict']:.0f} s {stats}", flush=True)
-
+    recipe = _recipe(scale, clip_vision)
+    timings = _train_stages(out, recipe, stages, scale, seed, threads, jobs)
     report = {}
     if "report" in stages:
         t = time.time()
         report = world_report(out, recipe)
         timings["report"] = time.time() - t
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    manifest = _write_manifest(out, recipe, scale, seed, jobs, timings)
+    return {"report": report, "manifest": manifest}
+
+
+def _train_stages(
+    out: Path, recipe: Recipe, stages, scale: str, seed: int, threads: int | None, jobs: int
+) -> dict[str, float]:
+    """Train the unfinished ``stages`` of the world in ``out``, in order (the CLIP in a
+    process of its own with ``jobs > 1``); the seconds each took."""
+    from rlhf.world.stages import (
+        train_world_clip,
+        train_world_ict,
+        train_world_judge,
+        train_world_sd3,
+        train_world_vae,
+    )
+
+    timings: dict[str, float] = {}
+    clip_dir, vae_dir, sd3_dir = out / "clip", out / "vae", out / "sd3"
+
+    side = None
+    if "clip" in stages and not _done(clip_dir):
+        if jobs > 1:
+            import multiprocessing as mp
+
+            side = mp.get_context("spawn").Process(
+                target=build_world,
+                args=(out, scale, seed, ("clip",), threads, 1, recipe.clip_vision),
+            )
+            side.start()
+        else:
+            _stage(out, "clip", lambda d: train_world_clip(d, recipe, seed, scale), timings)
+    if "judge" in stages and not _done(out / "judge"):
+        _stage(out, "judge", lambda d: train_world_judge(d, recipe, seed), timings)
+    if ("vae" in stages or "sd3" in stages) and not (_done(vae_dir) or _done(sd3_dir)):
+        _stage(out, "vae", lambda d: train_world_vae(d, recipe, seed, scale), timings)
+    if side is not None:
+        side.join()
+        if side.exitcode != 0 or not _done(clip_dir):
+            raise RuntimeError(f"the clip stage failed in its process (exit {side.exitcode})")
+    if "sd3" in stages and not _done(sd3_dir):
+        _stage(out, "sd3", lambda d: train_world_sd3(d, out, recipe, seed, scale), timings)
+        shutil.rmtree(vae_dir)  # the diffusers folder holds its own copy
+    if "ict" in stages and not _done(out / "ict"):
+        _stage(out, "ict", lambda d: train_world_ict(out, d, recipe, seed), timings)
+    return timings
+
+
+def _recipe(scale: str, clip_vision: str | None) -> Recipe:
+    """The recipe of ``scale``, its CLIP's image tower ``clip_vision`` when given."""
+    from rewards.world import VISION_TOWERS
+
+    recipe = Recipe.for_scale(scale)
+    if clip_vision is None:
+        return recipe
+    if clip_vision not in VISION_TOWERS:
+        raise ValueError(f"clip_vision={clip_vision!r} must be one of {', '.join(VISION_TOWERS)}")
+    return replace(recipe, clip_vision=clip_vision)
+
+
+def _stage(out: Path, name: str, train: Callable[[Path], object], timings: dict) -> None:
+    """Run one stage into a fresh ``out/.<name>.tmp`` and move it into place as ``out/<name>``;
+    what ``train`` returns is printed with the seconds it took."""
+    t = time.time()
+    tmp = out / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    extra = train(tmp)
+    _finish(tmp, out / name, time.time() - t)
+    timings[name] = time.time() - t
+    print(
+        f"[world] {name}: {timings[name]:.0f} s" + ("" if extra is None else f" {extra}"),
+        flush=True,
+    )
+
+
+def _write_manifest(
+    out: Path, recipe: Recipe, scale: str, seed: int, jobs: int, timings: dict
+) -> dict:
+    """``manifest.json``: the command, the recipe, each stage's seconds and every file."""
     seconds = {
         st: float((out / ".seconds" / st).read_text())
         for st in STAGES
@@ -296,118 +238,10 @@ def build_world(
         "files": file_table(out),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return {"report": report, "manifest": manifest}
-
-
-def train_world_ict(out: Path, folder: Path, recipe: Recipe, seed: int) -> dict:
-    """ICT from the world CLIP on Pick-High-mini (in this process), saved in fp16."""
-    import tempfile
-
-    from rewards.registry import save_reward
-    from rewards.training import (
-        DataConfig,
-        LabelConfig,
-        Objective,
-        OptimConfig,
-        build_model,
-        make_dataset,
-        run_training,
-    )
-    from rlhf.reward_run_config import RewardScalingConfig, RewardTrainConfig
-    from rlhf.world.triplets import build_triplets, world_backbone
-
-    with tempfile.TemporaryDirectory() as d:
-        stats = build_triplets(out, d, recipe.ict_prompts, 0, seed=seed, recipe=recipe)
-        backbone = world_backbone(out)
-        n = stats["train"]["triplets"]
-        cfg = RewardTrainConfig(
-            name="world-ict",
-            kind="ict",
-            model={"options": {"backbone": backbone}},
-            data=DataConfig(train=f"{d}/train.parquet", eval=f"{d}/train.parquet", image_size=64),
-            labels=LabelConfig(source="data"),
-            optim=OptimConfig(
-                lr=2e-4, batch_size=min(32, max(1, n)), epochs=recipe.ict_epochs, warmup_steps=4
-            ),
-            scaling=RewardScalingConfig(num_workers=1),
-            seed=seed,
-        ).validate()
-        torch.manual_seed(seed)
-        model, teacher, ict = build_model(cfg)
-        if n:
-            train = make_dataset(cfg.data, "train")
-            run_training(cfg, model, Objective(cfg, model, teacher, ict), train, None)
-        else:  # a toy world's judge may see no winner at all: ship the CLIP itself
-            log.warning("world ict: no triplets with a winner; the ICT is the untrained CLIP")
-    model.eval().half()
-    # The ICT names the shipped CLIP (``backbone: world``), not this build's paths: a world is
-    # built to be shipped in rewards/world/assets (a build elsewhere uses its own CLIP only).
-    model.reward_options = {"backbone": "world"}
-    save_reward(model, folder)
-    return stats["train"]
+    return manifest
 
 
 def _out_arg(out: Path) -> str:
     from rewards.world import ASSETS
 
     return "" if out.resolve() == ASSETS.resolve() else f" --out {out}"
-
-
-def world_report(out: Path, recipe: Recipe) -> dict:
-    from rewards.world import clip as C
-    from rewards.world import judge as J
-
-    model, tok = C.load_clip(out / "clip")
-    judge = J.Judge.load(out / "judge")
-    n = max(50, recipe.eval_prompts * 2)
-    report = {
-        "clip_caption_choice": C.caption_choice_accuracy(model, tok, n=n),
-        "judge": J.evaluate_judge(judge, n=n),
-    }
-    specs = eval_specs(recipe.eval_prompts)
-    images = sample_world(out / "sd3", [s.prompt() for s in specs], recipe)
-    report["generator_geneval_mini"] = judge.score(specs, images)
-    report["generator_geneval_mini"].pop("per_image", None)
-    return report
-
-
-def world_sampler(steps: int, guidance: float):
-    """The sampler settings every world experiment uses: 64 px, no T5 tokens."""
-    from rlhf.sampler import SamplerConfig
-
-    return SamplerConfig(
-        steps=steps, guidance_scale=guidance, height=S.SIZE, width=S.SIZE, max_sequence_length=1
-    )
-
-
-def load_world_generator(sd3_dir: Path, finetune=None, seed: int = 0):
-    from rlhf.generator import GeneratorConfig, load_generator
-
-    cfg = GeneratorConfig(
-        model=str(sd3_dir), load_t5=False, gradient_checkpointing=False, seed=seed
-    )
-    return load_generator(cfg, finetune)
-
-
-@torch.no_grad()
-def sample_chunks(gen, prompts: list[str], seeds: list[int], sampler, chunk: int = 32):
-    """``(B, 3, 64, 64)`` in [0, 1]: ``gen``'s samples of ``prompts`` (one seed each), ``chunk``
-    at a time."""
-    from rlhf.sampler import sample
-
-    return torch.cat(
-        [
-            sample(gen.transformer, gen, prompts[i : i + chunk], seeds[i : i + chunk], sampler)
-            for i in range(0, len(prompts), chunk)
-        ]
-    )
-
-
-def sample_world(
-    sd3_dir: Path, prompts: list[str], recipe: Recipe, seed: int = 0, gen=None
-) -> torch.Tensor:
-    """``(B, 3, 64, 64)`` in [0, 1]: the project's own sampler on the world generator (seeds
-    ``seed``, ``seed + 1``, ...); ``gen`` reuses an already loaded one."""
-    gen = gen or load_world_generator(sd3_dir)
-    seeds = list(range(seed, seed + len(prompts)))
-    return sample_chunks(gen, prompts, seeds, world_sampler(recipe.sample_steps, recipe.guidance))

@@ -44,7 +44,7 @@ def world_config(*overrides: str) -> RunConfig:
 def measure(gen, specs, seeds, sampler, scorers: dict, judge) -> tuple[dict, torch.Tensor]:
     """Held-out figures of the generator ``gen`` and its images ``(B, 3, 64, 64)``."""
     from rlhf.image_stats import image_stats
-    from rlhf.world.build import sample_chunks
+    from rlhf.world.sampling import sample_chunks
 
     prompts = [s.prompt() for s in specs]
     images = sample_chunks(gen, prompts, seeds, sampler, chunk=16)
@@ -74,7 +74,7 @@ def finetune_world(
     from rlhf.engine import PlainEngine
     from rlhf.generator import load_generator
     from rlhf.prompts import read_prompts, step_batch
-    from rlhf.world.build import eval_specs
+    from rlhf.world.sampling import eval_specs
 
     judge = judge or Judge.load(world.ASSETS / "judge")
     scorers = scorers or {}

@@ -58,7 +58,7 @@ def make_triplets(world_dir: Path, n_prompts: int, seed: int, recipe) -> tuple[l
     from rewards.labels import teacher_labels
     from rewards.registry import build_reward
     from rewards.world.judge import Judge
-    from rlhf.world.build import load_world_generator, sample_world
+    from rlhf.world.sampling import load_world_generator, sample_world
 
     judge = Judge.load(world_dir / "judge")
     rng = np.random.default_rng((seed, 31))

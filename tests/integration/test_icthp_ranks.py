@@ -6,15 +6,8 @@ import os
 import pytest
 import torch
 
-from rewards.training import (
-    DataConfig,
-    LabelConfig,
-    LossConfig,
-    Objective,
-    build_model,
-    make_dataset,
-    make_train_loader,
-)
+from rewards.objective import Objective, build_model
+from rewards.training import DataConfig, LabelConfig, LossConfig, make_dataset, make_train_loader
 from rlhf.reward_run_config import RewardTrainConfig
 from tests.integration.conftest import free_port
 

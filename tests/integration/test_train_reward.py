@@ -8,8 +8,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from rewards.objective import Objective, build_model
 from rewards.registry import build_reward
-from rewards.training import Objective, build_model, make_dataset
+from rewards.training import make_dataset
 from rlhf.config import load_config
 from rlhf.reward_run_config import RewardTrainConfig
 from rlhf.train_reward import run_job

@@ -12,16 +12,9 @@ from PIL import Image
 from rewards.data import RankedDataset, collate_ranked, ranked_pairs
 from rewards.errors import ConfigError
 from rewards.imagereward import MEAN, STD, map_original_keys
+from rewards.objective import Objective, build_model
 from rewards.registry import build_reward, load_reward, save_reward
-from rewards.training import (
-    DataConfig,
-    Objective,
-    OptimConfig,
-    build_model,
-    evaluate_model,
-    make_dataset,
-    make_eval_loader,
-)
+from rewards.training import DataConfig, OptimConfig, evaluate_model, make_dataset, make_eval_loader
 from rewards.training import run_training as run_plain
 from rlhf import cli
 from rlhf.reward_run_config import RewardScalingConfig, RewardTrainConfig

@@ -130,7 +130,7 @@ def test_pairwise_loss_is_pickscore_cross_entropy_on_the_winner():
 
 
 def test_pickscore_kind_trains_on_i2_over_i1_only():
-    from rewards.training import Objective, build_model
+    from rewards.objective import Objective, build_model
     from rlhf.reward_run_config import RewardTrainConfig
 
     cfg = RewardTrainConfig(kind="pickscore", model={"options": {"backbone": "tiny"}}).validate()

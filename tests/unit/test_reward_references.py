@@ -6,10 +6,11 @@ import torch
 from transformers import CLIPConfig, CLIPModel
 
 from rewards.backbones import TINY_HF_CLIP_DIR, HFClipBackbone, OpenClipBackbone
+from rewards.builtin_rewards import AESTHETIC_BACKBONE, HPSV2_FILES
 from rewards.evaluate import evaluate_reward, preference_accuracy
 from rewards.losses import ict_hp_loss
-from rewards.registry import AESTHETIC_BACKBONE, HPSV2_FILES, build_reward
-from rewards.training import Objective, build_model
+from rewards.objective import Objective, build_model
+from rewards.registry import build_reward
 from rlhf.reward_run_config import RewardTrainConfig
 
 TINY = {"backbone": "tiny"}

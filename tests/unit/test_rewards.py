@@ -8,14 +8,9 @@ import torch
 from transformers import CLIPConfig, CLIPModel
 
 from rewards.backbones import TINY_HF_CLIP_DIR, _features, register_model_configs
+from rewards.builtin_rewards import list_rewards
 from rewards.heads import MLPHead
-from rewards.registry import (
-    RewardSpec,
-    build_reward,
-    list_rewards,
-    load_reward,
-    save_reward,
-)
+from rewards.registry import RewardSpec, build_reward, load_reward, save_reward
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle on the left"]
 TINY = {"backbone": "tiny"}

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from rewards.checkpoint_refs import is_hub_id
 from rewards.errors import MissingPathError, UntrustedCheckpointError
-from rewards.registry import RewardSpec, build_reward, check_reward, is_hub_id
+from rewards.registry import RewardSpec, build_reward, check_reward
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,6 +12,7 @@ import torch
 from rewards import world
 from rewards.world import clip as C
 from rewards.world import scenes as S
+from rewards.world import tokenizer as T
 
 
 def test_every_prompt_parses_back_to_its_spec():
@@ -28,7 +29,8 @@ def test_every_prompt_parses_back_to_its_spec():
 
 
 def test_scenes_meet_their_specs_by_the_renderer_truth():
-    from rewards.world.judge import Judge, TinyDetector
+    from rewards.world.detector import TinyDetector
+    from rewards.world.judge import Judge
 
     judge = Judge(TinyDetector())  # check() reads the truth objects; no detector needed
     rng = np.random.default_rng(1)
@@ -39,10 +41,10 @@ def test_scenes_meet_their_specs_by_the_renderer_truth():
 
 
 def test_world_tokenizer_has_one_token_per_world_word():
-    tok = C.build_tokenizer()
+    tok = T.build_tokenizer()
     eot = tok.convert_tokens_to_ids("<|endoftext|>")
     assert eot == len(tok) - 1  # highest id: open_clip's argmax pooling finds it
-    for w in C.world_words():
+    for w in T.world_words():
         assert len(tok(w).input_ids) == 3, w  # start, the word, end
     # Text outside the world falls back to bytes, nothing is unknown.
     ids = tok("wow!@# a cat").input_ids
@@ -50,12 +52,12 @@ def test_world_tokenizer_has_one_token_per_world_word():
     longest = "four purple diamonds and a yellow triangle and an orange square, " + (
         "with checkered texture, dramatic side lighting, drop shadows, starry background"
     )
-    assert len(tok(longest).input_ids) <= C.CONTEXT_LENGTH
+    assert len(tok(longest).input_ids) <= T.CONTEXT_LENGTH
 
 
 def test_hf_text_encoder_equals_open_clip_text_tower():
     torch.manual_seed(0)
-    tok = C.build_tokenizer()
+    tok = T.build_tokenizer()
     model = C.create_model(C.model_config(len(tok), "toy")).eval()
     for p in model.parameters():  # non-trivial norms and biases too
         p.data.add_(0.05 * torch.randn_like(p))

@@ -4,15 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from rewards.world.judge import (
-    Detection,
-    Judge,
-    TinyDetector,
-    _targets,
-    evaluate_judge,
-    render_set,
-    train_judge,
-)
+from rewards.world.detector import TinyDetector, _targets, render_set
+from rewards.world.judge import Detection, Judge, train_judge
+from rewards.world.judge_eval import evaluate_judge
 from rewards.world.scenes import CATEGORIES, Spec, render, sample_spec, scene_for, to_uint8
 
 TOY = dict(n_train=600, steps=150, seed=0, batch_size=32, widths=(16, 32, 32, 64), threads=None)
