@@ -1,4 +1,4 @@
-"""The SD3/SD3.5 generator: loading, the tiny variant, attention backend, LoRA, checkpointing.
+"""The SD3/SD3.5 generator: loading, LoRA, checkpointing (attention: rlhf.attention; tiny: rlhf.tiny_sd3).
 
 The policy is a diffusers ``StableDiffusion3Pipeline``: the transformer is trained (LoRA via
 peft, or every weight), the VAE and text encoders stay frozen. ``model`` is a hub id
@@ -11,23 +11,26 @@ miniature world's pretrained tiny SD3 (``rlhf world build``), a diffusers folder
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import torch
+
+from rewards.checkpoint_refs import is_hub_id
+from rlhf.attention import (  # noqa: F401  (re-exported: callers import them from here)
+    ATTENTION_BACKENDS,
+    set_attention_backend,
+    xformers_unusable,
+)
+from rlhf.tiny_sd3 import TINY_SD3_DIR, build_tiny_pipeline  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
 WORLD = "world"  # the miniature world's pretrained SD3, shipped in rewards/world/assets/sd3
-TINY_SD3_DIR = Path(__file__).parent / "model_configs" / "tiny_sd3"
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-large-turbo"
-ATTENTION_BACKENDS = ("auto", "xformers", "sdpa")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 FINETUNE_MODES = ("lora", "full")
 # Where prompt embeddings come from: the generator's own text encoders, or a text-encoder
@@ -164,57 +167,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 # --------------------------------------------------------------------------- building
 
 
-def build_tiny_pipeline(seed: int = 0, config_dir: str | os.PathLike = TINY_SD3_DIR):
-    """A tiny ``StableDiffusion3Pipeline`` with random weights (seeded) from shipped configs.
-
-    Same seed, same weights, in any process: tests and Ray workers rely on it.
-    """
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    from rlhf.tokenizers import build_clip_tokenizer
-
-    d = Path(config_dir)
-
-    def cfg(sub: str, name: str = "config.json") -> dict:
-        return json.loads((d / sub / name).read_text())
-
-    def no_meta(c: dict) -> dict:
-        return {k: v for k, v in c.items() if not k.startswith("_")}
-
-    # Seeded per component, so changing one config leaves the others' weights unchanged.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer = SD3Transformer2DModel(**no_meta(cfg("transformer")))
-        torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(**no_meta(cfg("vae")))
-        encoders = []
-        for i, sub in enumerate(("text_encoder", "text_encoder_2")):
-            torch.manual_seed(seed + 2 + i)
-            c = {k: v for k, v in cfg(sub).items() if k not in ("architectures", "model_type")}
-            encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**c)))
-    tokenizer = build_clip_tokenizer(d / "tokenizer" / "config.json")
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        **no_meta(cfg("scheduler", "scheduler_config.json"))
-    )
-    return StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=encoders[0].eval(),
-        tokenizer=tokenizer,
-        text_encoder_2=encoders[1].eval(),
-        tokenizer_2=tokenizer,
-        text_encoder_3=None,
-        tokenizer_3=None,
-    )
-
-
 def load_pipeline(cfg: GeneratorConfig, device: str | torch.device | None = None):
     """The pipeline of ``cfg.model`` on ``device`` in the configured dtype, frozen, eval mode."""
     from diffusers import StableDiffusion3Pipeline
@@ -235,7 +187,7 @@ def load_pipeline(cfg: GeneratorConfig, device: str | torch.device | None = None
         if cfg.text_encoders == "actor":
             kwargs.update(no_text)
         local = os.path.isdir(cfg.model)
-        if not local and not _looks_like_hub_id(cfg.model):
+        if not local and not is_hub_id(cfg.model):
             raise FileNotFoundError(
                 f"generator.model={cfg.model!r} is not 'tiny', a local folder or a hub id"
             )
@@ -275,71 +227,6 @@ def _dtype_kwarg() -> str:
     return (
         "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
     )
-
-
-def _looks_like_hub_id(s: str) -> bool:
-    parts = s.split("/")
-    return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~"))
-
-
-def set_attention_backend(transformer, backend: str) -> str:
-    """Set the attention of every joint-attention block; returns the backend in use.
-
-    ``auto``: xformers when its CUDA kernels run here and the transformer is on CUDA, else
-    SDPA (logged). ``xformers`` where it cannot run (not installed, not on CUDA, or a build
-    whose kernels do not load with this PyTorch) raises ``ValueError`` with the reason.
-    """
-    from diffusers.models.attention_processor import (
-        JointAttnProcessor2_0,
-        XFormersJointAttnProcessor,
-    )
-
-    if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"generator.attention={backend!r} must be one of {ATTENTION_BACKENDS}")
-    on_cuda = next(transformer.parameters()).device.type == "cuda"
-    if backend == "xformers" and not on_cuda:
-        raise ValueError(
-            "generator.attention=xformers needs a CUDA device (xformers has no CPU "
-            "kernels); set generator.attention=sdpa"
-        )
-    why_not = xformers_unusable() if on_cuda and backend != "sdpa" else None
-    if backend == "auto":
-        backend = "xformers" if on_cuda and why_not is None else "sdpa"
-        if on_cuda and why_not is not None:
-            log.info("attention: SDPA (xformers unusable: %s)", why_not)
-    if backend == "xformers":
-        if why_not is not None:
-            raise ValueError(
-                f"generator.attention=xformers but xformers cannot run here: {why_not} "
-                "(pip install 'rlhf-diffusion[gpu]' with an xformers built for this PyTorch), "
-                "or set generator.attention=sdpa"
-            )
-        processor = XFormersJointAttnProcessor()
-    else:
-        processor = JointAttnProcessor2_0()
-    transformer.set_attn_processor(processor)
-    return backend
-
-
-@functools.lru_cache(maxsize=1)
-def xformers_unusable() -> str | None:
-    """None when xformers' memory-efficient attention runs on this CUDA device, else why not.
-
-    Importing xformers is not enough: a wheel built for another PyTorch imports, warns, and
-    then has no kernel to dispatch to. One tiny attention call on the GPU settles it."""
-    try:
-        import xformers.ops as xops
-    except Exception as e:  # not installed, or broken
-        return f"cannot import xformers.ops ({type(e).__name__}: {e})"
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    try:
-        q = torch.zeros(1, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
-        xops.memory_efficient_attention(q, q, q)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return f"{type(e).__name__}: {first}"
-    return None
 
 
 def apply_finetune(
