@@ -34,8 +34,9 @@ def reward_config(
     kind: str, out: Path, data_dir: Path, fast: bool, overrides: list[str] = ()
 ) -> RewardTrainConfig:
     """``configs/reward_world_<kind>.yaml`` on the Pick-High-mini files in ``data_dir``, Ray
-    Train's runs in ``out/ray_runs``; ``fast``: one epoch, evaluated every 8 steps."""
-    extra = ["optim.epochs=1", "eval_every=8"] if fast else []
+    Train's runs in ``out/ray_runs``; ``fast``: one epoch at a global batch of 16 (its ~60
+    triplets must fill a few batches), evaluated every 2 steps."""
+    extra = ["optim.epochs=1", "optim.batch_size=8", "eval_every=2"] if fast else []
     return load_config(
         RewardTrainConfig,
         CONFIGS / f"reward_world_{kind}.yaml",

@@ -261,3 +261,16 @@ def test_checkpoint_manifest_names_the_bad_file(tmp_path):
     (ck / "b.json").unlink()
     with pytest.raises(CheckpointError, match=r"b\.json: missing"):
         verify_checkpoint(ck)
+
+
+def test_the_fast_quickstart_reward_jobs_fit_their_triplets(tmp_path):
+    """``rlhf quickstart --fast`` builds TRIPLETS[True] prompts, of which about half survive
+    as triplets (ties are dropped); one global batch must fit in them, with steps to spare."""
+    from rlhf.quickstart import TRIPLETS, reward_config
+
+    data = ["data.train=synthetic", "data.eval=synthetic"]  # the batch is what is checked
+    for kind in ("ict", "hp"):
+        for fast in (True, False):
+            cfg = reward_config(kind, tmp_path, tmp_path, fast, data)
+            global_batch = cfg.optim.batch_size * cfg.scaling.num_workers
+            assert 3 * global_batch <= TRIPLETS[fast][0] // 2, (kind, fast, global_batch)
