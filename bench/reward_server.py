@@ -35,9 +35,9 @@ import torch
 from bench.common import stats
 
 
-def _images(batch: int, size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+def _images(batch: int, size: int, seed: int, device: str = "cpu"):
     g = torch.Generator().manual_seed(seed)
-    x = torch.rand(batch, 3, size, size, generator=g)
+    x = torch.rand(batch, 3, size, size, generator=g).to(device)
     return x, [f"a photo of object {seed}-{i}" for i in range(batch)]
 
 
@@ -70,17 +70,18 @@ def _run_threads(fn, inputs: list, calls: int) -> float:
 class BenchCaller:
     """The calling side of every cell (a Ray actor): the reward in-process, and the clients."""
 
-    def __init__(self, spec: dict, seed: int, cpus: int):
+    def __init__(self, spec: dict, seed: int, cpus: int, device: str = "cpu"):
         from rewards.handles import build_handles
         from rewards.registry import RewardSpec
 
         torch.set_num_threads(cpus)
+        self.device = device
         # Built as a worker builds a colocated reward: same seed, so the servers' weights.
-        self.local = build_handles([RewardSpec.from_dict(spec)], {}, "cpu", seed=seed)[0]
+        self.local = build_handles([RewardSpec.from_dict(spec)], {}, device, seed=seed)[0]
 
     def check(self, clients: dict, size: int) -> None:
         """Same answers on every side, or the comparison means nothing."""
-        x, p = _images(4, size, 0)
+        x, p = _images(4, size, 0, self.device)
         s_ref, g_ref = self.local.score_and_grad(x, p, 1.0)
         for client in clients.values():
             s, g = client.score_and_grad(x, p, 1.0)
@@ -89,7 +90,7 @@ class BenchCaller:
 
     def cell(self, clients: dict, size: int, batch: int, callers: int, calls: int, repeats: int):
         """Images/s per side and repeat: ``{"inproc": [...], transport: [...]}``."""
-        inputs = [_images(batch, size, 100 + c) for c in range(callers)]
+        inputs = [_images(batch, size, 100 + c, self.device) for c in range(callers)]
         sides = {"inproc": self.local, **clients}
         n_images = callers * calls * batch
         for h in sides.values():  # warm-up: one call per caller
@@ -118,14 +119,17 @@ def run(args) -> dict:
         ray.init(
             address="local",
             num_cpus=cpus * (1 + len(args.transports)),
+            num_gpus=1 if args.gpu else 0,
             include_dashboard=False,
             configure_logging=False,
             log_to_driver=False,
         )
+    # --gpu: the caller and every server on a share of one GPU, images and gradients on it.
+    gpu_share = 1 / (1 + len(args.transports)) if args.gpu else 0
     clients, t0 = {}, time.perf_counter()
     for transport in args.transports:
         cfg = ServerConfig(
-            resources=ActorResources(num_cpus=cpus),
+            resources=ActorResources(num_cpus=cpus, num_gpus=gpu_share),
             max_batch_size=args.max_batch_size,
             batch_wait_ms=args.batch_wait_ms,
             forward_threads=args.forward_threads,
@@ -134,7 +138,9 @@ def run(args) -> dict:
         clients[transport] = RewardClient(spec, cfg, seed=args.seed).start()
     startup_s = time.perf_counter() - t0
     caller_cls = ray.remote(enable_tensor_transport=True)(BenchCaller)
-    caller = caller_cls.options(num_cpus=cpus).remote(spec, args.seed, cpus)
+    caller = caller_cls.options(num_cpus=cpus, num_gpus=gpu_share).remote(
+        spec, args.seed, cpus, "cuda" if args.gpu else "cpu"
+    )
 
     rows = []
     for size in args.image_sizes:
@@ -181,6 +187,7 @@ def run(args) -> dict:
         "seed": args.seed,
         "transports": list(clients),
         "cpus": cpus,
+        "gpu": torch.cuda.get_device_name() if args.gpu else None,
         "server": {
             "max_batch_size": args.max_batch_size,
             "batch_wait_ms": args.batch_wait_ms,
@@ -235,6 +242,7 @@ def main(argv=None) -> int:
     ap.add_argument("--forward-threads", type=int, default=0, help="0: the server's default")
     ap.add_argument("--cpus", type=int, help="torch threads of the caller, num_cpus per server")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gpu", action="store_true", help="caller and servers share one CUDA GPU")
     args = ap.parse_args(argv)
     args.transports = args.transports or ["object_store", "gloo"]
     args.batches = args.batches or ([16] if args.short else [1, 4, 16, 64])
