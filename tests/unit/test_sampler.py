@@ -119,6 +119,14 @@ def test_attention_backends_on_cpu():
         set_attention_backend(pipe.transformer, "flash")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU answer")
+def test_xformers_is_reported_unusable_without_a_gpu_with_the_reason():
+    from rlhf.attention import xformers_unusable
+
+    why = xformers_unusable()
+    assert why in ("no CUDA device",) or why.startswith("cannot import xformers.ops")
+
+
 def test_lora_targets_the_joint_attention_projections():
     gen = load_generator(
         GeneratorConfig(model="tiny", load_t5=False), FinetuneConfig(rank=2, alpha=4), "cpu"
