@@ -41,18 +41,35 @@ def run(world: str | None, prompts: int) -> dict:
     z = sd3.encode_latents(vae, renders)
     g = torch.Generator().manual_seed(0)
 
-    @torch.no_grad()
-    def judged(latents: torch.Tensor) -> float:
-        x = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor).sample
-        return round(judge.score(specs, ((x + 1) / 2).clamp(0, 1))["mean"], 3)
-
     out = {"suite": "world_diagnose", "prompts": prompts, "latent_std": float(z.std())}
     out["vae_latent_noise"] = {
-        str(s): judged(z + s * torch.randn(z.shape, generator=g)) for s in NOISE
+        str(s): judge_latents(vae, judge, specs, z + s * torch.randn(z.shape, generator=g))
+        for s in NOISE
     }
+    out["one_step_x0"] = one_step_x0(pipe, judge, specs, z, g)
+    return out
+
+
+def judge_latents(vae, judge, specs, latents) -> float:
+    """GenEval-mini of the VAE's decode of ``latents`` against ``specs`` (3 decimals)."""
+    import torch
+
+    with torch.no_grad():
+        x = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor).sample
+    return round(judge.score(specs, ((x + 1) / 2).clamp(0, 1))["mean"], 3)
+
+
+def one_step_x0(pipe, judge, specs, z, g, times=TIMES) -> dict:
+    """For each t in ``times``: the transformer's one-step prediction of the clean latent
+    ``x_t - t v`` from the latents ``z`` of renders of ``specs`` noised to t (noise drawn
+    from ``g``), judged, and its mean squared error to ``z``."""
+    import torch
+
+    from rlhf.world import sd3
+
     embeds, pooled = sd3._encode(pipe, [s.prompt() for s in specs], 1)
-    one_step = {}
-    for t in TIMES:
+    out = {}
+    for t in times:
         xt = (1 - t) * z + t * torch.randn(z.shape, generator=g)
         with torch.no_grad():
             v = pipe.transformer(
@@ -62,8 +79,10 @@ def run(world: str | None, prompts: int) -> dict:
                 pooled_projections=pooled,
             ).sample
         x0 = xt - t * v
-        one_step[str(t)] = {"geneval_mini": judged(x0), "latent_mse": float((x0 - z).pow(2).mean())}
-    out["one_step_x0"] = one_step
+        out[str(t)] = {
+            "geneval_mini": judge_latents(pipe.vae, judge, specs, x0),
+            "latent_mse": float((x0 - z).pow(2).mean()),
+        }
     return out
 
 

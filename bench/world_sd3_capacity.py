@@ -36,10 +36,11 @@ def _probe_steps(pipe, latents, captions, batch: int, seconds: float, lr: float)
 
 def _x0_scores(gen, judge, n: int) -> dict:
     """GenEval-mini of the transformer's one-step clean-latent prediction from renders of
-    held-out prompts noised to each t in TIMES."""
+    ``n`` held-out prompts noised to each t in TIMES (:func:`bench.world_diagnose.one_step_x0`)."""
     import numpy as np
     import torch
 
+    from bench.world_diagnose import one_step_x0
     from rewards.world import scenes as S
     from rlhf.world import sd3 as W
     from rlhf.world.sampling import eval_specs
@@ -47,23 +48,9 @@ def _x0_scores(gen, judge, n: int) -> dict:
     specs = eval_specs(n)
     rng = np.random.default_rng(99)
     images = np.stack([S.to_uint8(S.render(S.scene_for(s, rng), rng)) for s in specs])
-    with torch.no_grad():
-        x0 = W.encode_latents(gen.vae, images)
-        cond = gen.encode_prompts([s.prompt() for s in specs], 0.0, None, 1)
-        out = {}
-        g = torch.Generator().manual_seed(0)
-        for t in TIMES:
-            noise = torch.randn(x0.shape, generator=g)
-            xt = (1 - t) * x0 + t * noise
-            v = gen.transformer(
-                hidden_states=xt,
-                timestep=torch.full((len(xt),), t * 1000.0),
-                encoder_hidden_states=cond.embeds,
-                pooled_projections=cond.pooled,
-            ).sample
-            pred = gen.decode(xt - t * v)
-            out[str(t)] = judge.score(specs, pred)["mean"]
-    return out
+    z = W.encode_latents(gen.vae, images)
+    res = one_step_x0(gen.pipe, judge, specs, z, torch.Generator().manual_seed(0), TIMES)
+    return {t: r["geneval_mini"] for t, r in res.items()}
 
 
 def run(layers: int, heads: int, seconds: float, images: int, prompts: int, lr: float) -> dict:
