@@ -49,14 +49,15 @@ PHASES = (
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
-def transformer_flops(cfg: dict, size: int, text_tokens: int, batch: int) -> float:
-    """Forward FLOPs of one transformer call on ``batch`` images of ``size`` px."""
+def transformer_flops(cfg: dict, params: int, size: int, text_tokens: int, batch: int) -> float:
+    """Forward FLOPs of one call of a transformer of config ``cfg`` and ``params`` parameters
+    on ``batch`` images of ``size`` px."""
     width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     image_tokens = (size // 8 // cfg["patch_size"]) ** 2
     tokens = image_tokens + text_tokens
     dual = len(cfg.get("dual_attention_layers", ()))
     return batch * (
-        2 * cfg["_params"] * tokens
+        2 * params * tokens
         + cfg["num_layers"] * 4 * tokens**2 * width
         + dual * 4 * image_tokens**2 * width
     )
@@ -169,8 +170,9 @@ def measure(gen, rewards, opt, args, k: int, batch: int) -> dict:
             rows.append(times)
     med = {p: sorted(r[p] for r in rows)[len(rows) // 2] for p in PHASES}
     step_s = sum(med.values())
-    cfg = {**SHAPES[args.shape], "_params": n_params(gen.transformer)}
-    fwd = transformer_flops(cfg, args.size, 77 + args.max_sequence_length, batch)
+    params = n_params(gen.transformer)
+    text_tokens = 77 + args.max_sequence_length
+    fwd = transformer_flops(SHAPES[args.shape], params, args.size, text_tokens, batch)
     tflops = 3 * fwd * k / (med["grad_forward"] + med["transformer_backward"]) / 1e12
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = next((v for k_, v in PEAK_TFLOPS.items() if k_ in name), None)
