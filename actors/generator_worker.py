@@ -34,6 +34,7 @@ import torch
 
 from actors.reward_client import RewardClient
 from actors.text_encoder import TextEncoderClient
+from rewards.training import any_rank
 from rlhf.config import bind
 from rlhf.run_config import RunConfig
 
@@ -50,16 +51,9 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
-def _finite_everywhere(*tensors: torch.Tensor) -> bool:
-    ok = all(bool(torch.isfinite(t).all()) for t in tensors)
-    dist = _dist()
-    if dist is not None:
-        # NCCL reduces CUDA tensors only; gloo CPU ones.
-        on = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
-        flag = torch.tensor([0.0 if ok else 1.0], device=on)
-        dist.all_reduce(flag)
-        ok = float(flag) == 0.0
-    return ok
+def _finite_everywhere(device: torch.device, *tensors: torch.Tensor) -> bool:
+    """Whether every tensor is finite on every rank (one vote on ``device``)."""
+    return not any_rank(not all(bool(torch.isfinite(t).all()) for t in tensors), device)
 
 
 class GeneratorWorker:
@@ -138,7 +132,7 @@ class GeneratorWorker:
 
         def score_fn(images, ps):
             scores = self._score(images, ps)
-            if not _finite_everywhere(scores.total, scores.grad, images):
+            if not _finite_everywhere(self.gen.device, scores.total, scores.grad, images):
                 raise SkippedStep
             return scores
 

@@ -182,7 +182,9 @@ def evaluate_model(model, loader) -> dict[str, float]:
         model.train(was)
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is set on any rank of the process group (``flag`` itself without
+    one). ``device``: where the vote's tensor lives, the model's (CUDA under NCCL)."""
     if not (dist.is_available() and dist.is_initialized()):
         return flag
     t = torch.tensor([float(flag)], device=device)
@@ -275,13 +277,13 @@ def _default_step(grad_clip: float, model, optimizer, scheduler) -> Callable[[],
 def _update(batch, step: int, objective, backward, step_fn, optimizer, device):
     """``(objective's outputs, skipped)`` for one batch, updated unless every rank skips it."""
     # A batch whose rows were all unreadable: every rank skips the step together.
-    if _any_rank(batch["images"].shape[0] == 0, device):
+    if any_rank(batch["images"].shape[0] == 0, device):
         log.warning("step %d: empty batch (unreadable rows), skipped", step)
         return {"loss": torch.tensor(float("nan"))}, True
     out = objective(batch)
     loss = out["loss"]
     # All ranks skip together, or the gradient all-reduce would hang.
-    skipped = _any_rank(not bool(torch.isfinite(loss.detach())), device)
+    skipped = any_rank(not bool(torch.isfinite(loss.detach())), device)
     if skipped:
         log.warning("step %d: non-finite loss %s, update skipped", step, loss.item())
         optimizer.zero_grad(set_to_none=True)
