@@ -229,13 +229,18 @@ class Coordinator:
         a restart of the worker group."""
         from actors.text_encoder import start_text_encoder
 
-        for spec in self.cfg.reward_specs() + self.cfg.eval_reward_specs():
-            if spec.placement == "server":
-                t = time.perf_counter()
-                self.clients[spec.key] = RewardClient(
-                    spec, self.cfg.reward_server, seed=self.cfg.seed
-                ).start()
-                self._say(f"reward server {spec.key} ready ({time.perf_counter() - t:.1f}s)")
+        specs = self.cfg.reward_specs() + self.cfg.eval_reward_specs()
+        clients = {
+            s.key: RewardClient(s, self.cfg.reward_server, seed=self.cfg.seed)
+            for s in specs
+            if s.placement == "server"
+        }
+        t = time.perf_counter()
+        for client in clients.values():
+            client.handle  # noqa: B018 (creates the actor: every server loads at once)
+        for key, client in clients.items():
+            self.clients[key] = client.start()
+            self._say(f"reward server {key} ready ({time.perf_counter() - t:.1f}s)")
         gen = self.cfg.policy.generator
         if gen.text_encoders == "actor":
             self.text_encoder = start_text_encoder(gen, self.cfg.text_encoder.resources)

@@ -1,5 +1,6 @@
 """Reward traffic over Ray's direct tensor transport (RDT): Gloo between CPU actors, NCCL
-between GPU actors, instead of the object store (``reward_server.transport``).
+between GPU actors on different devices, CUDA IPC between processes on one GPU, instead of
+the object store (``reward_server.transport``).
 
 What Ray 2.60's RDT allows, read in its code (``ray/actor.py``, ``ray/_private/worker.py``,
 ``ray/experimental/rdt/``, ``ray/experimental/collective/``), and how this module fits it:
@@ -33,8 +34,16 @@ What Ray 2.60's RDT allows, read in its code (``ray/actor.py``, ``ray/_private/w
   restarts it).
 
 Ray Train's worker actors are created by Ray Train without ``enable_tensor_transport``, so a
-``train_func`` cannot use this transport in Ray 2.60; :func:`check_caller` says so at the
-first call instead of falling back silently.
+``train_func`` cannot use the two-sided transports in Ray 2.60; :func:`check_caller` says so
+at the first call instead of falling back silently.
+
+- NCCL connects one rank per GPU: a caller and a server on one device fail at the first
+  transfer ("Duplicate GPU detected", seen on an H100). :class:`DirectChannel` checks first.
+- ``cuda_ipc`` (Ray's one-sided CUDA IPC transport, for a server on the caller's own GPU)
+  needs none of the above: ``ray.put`` with a one-sided transport is allowed from any
+  process, and so is ``ray.get`` of its refs, so any process that Ray assigned the server's
+  GPU can call, Ray Train workers included (:class:`IpcChannel`; verified on an H100 by
+  ``tests/gpu/test_reward_transport_gpu.py``).
 """
 
 from __future__ import annotations
@@ -54,7 +63,8 @@ from actors.reward_server import GRAD, SCORE, ServerCore, _Request
 
 log = logging.getLogger(__name__)
 
-TRANSPORTS = ("gloo", "nccl")
+TRANSPORTS = ("gloo", "nccl", "cuda_ipc")
+ONE_SIDED = ("cuda_ipc",)  # no collective group; any process holding the GPU can call
 
 # Tensors on their way between a caller's thread and its ``_ray_system`` thread.
 _MAILBOX: dict[str, object] = {}
@@ -74,18 +84,21 @@ class DirectRewardServer(ServerCore):
     ``.options(tensor_transport=...)``; the images argument arrives as a tensor on the server
     (Gloo: CPU, NCCL: CUDA), the returned tensors stay here until the caller has taken them.
 
-    Args: see :class:`~actors.reward_server.ServerCore`; ``transport``: ``gloo`` or ``nccl``
-    (NCCL answers on the server's CUDA device).
+    Args: see :class:`~actors.reward_server.ServerCore`; ``transport``: ``gloo``, ``nccl`` or
+    ``cuda_ipc`` (NCCL and CUDA IPC answer on the server's CUDA device).
     """
 
     def __init__(self, *args, transport: str = "gloo", **kwargs):
         super().__init__(*args, **kwargs)
         if transport not in TRANSPORTS:
             raise ValueError(f"transport={transport!r} must be one of {TRANSPORTS}")
-        if transport == "nccl" and self.device.type != "cuda":
-            raise ValueError("reward_server.transport=nccl needs a server on a GPU (num_gpus > 0)")
+        if transport != "gloo" and self.device.type != "cuda":
+            raise ValueError(
+                f"reward_server.transport={transport} needs a server on a GPU (num_gpus > 0)"
+            )
         self.transport = transport
-        self._out_device = self.device if transport == "nccl" else torch.device("cpu")
+        self.answer_on_device = transport != "gloo"  # NCCL and CUDA IPC move GPU tensors
+        self._out_device = self.device if transport != "gloo" else torch.device("cpu")
         self._cv = threading.Condition()
         self._slots = threading.Semaphore(self.forward_threads)
         self._runner: threading.Thread | None = None
@@ -186,6 +199,8 @@ class DirectChannel:
         self.server = server
         self.transport = transport
         self.me = check_caller(transport)
+        if transport == "nccl":
+            _check_separate_gpus(server)
         self.group = f"reward-{transport}-{uuid.uuid4().hex[:12]}"
         joined = server.__ray_call__.remote(_join, 2, 1, self.group, transport)
         _join(None, 2, 0, self.group, transport)
@@ -198,7 +213,7 @@ class DirectChannel:
         log.info("reward transport %s: group %s with %s", transport, self.group, server)
 
     @classmethod
-    def to(cls, server, transport: str) -> DirectChannel:
+    def to(cls, server, transport: str) -> DirectChannel | IpcChannel:
         """The channel of this process to ``server`` (created on first use)."""
         # Ray 2.60's ray.get_actor, in a process that has not seen the handle before, builds
         # it without the class's enable_tensor_transport; the server's class declares it.
@@ -206,7 +221,8 @@ class DirectChannel:
         key = (server._actor_id, transport)
         with _channels_lock:
             if key not in _channels:
-                _channels[key] = cls(server, transport)
+                one_sided = transport in ONE_SIDED
+                _channels[key] = IpcChannel(server) if one_sided else cls(server, transport)
             return _channels[key]
 
     def call(self, method: str, images: torch.Tensor, *args, timeout: float | None = None):
@@ -236,6 +252,71 @@ class DirectChannel:
         finally:
             _MAILBOX.pop(box_in, None)
             _MAILBOX.pop(box_out, None)
+
+
+class IpcChannel:
+    """The caller's side of CUDA IPC to one server on the same GPU (``cuda_ipc``).
+
+    A one-sided transport: the images are put into this process's RDT store (``ray.put``
+    with ``_tensor_transport``, allowed for one-sided transports from any process) and the
+    server maps them through their IPC handle; the answer's tensors come back the same way
+    and are copied here before the server's are released, since a mapped tensor lives only as
+    long as its owner keeps it. No collective group, so callers need not be declared with
+    ``enable_tensor_transport`` (Ray Train workers can call). Both sides must have been
+    assigned the same GPU by Ray; Ray's receiver says so otherwise.
+    """
+
+    def __init__(self, server):
+        gpus = ray.get_gpu_ids()
+        if not gpus:
+            raise TransportUnavailable(
+                "reward_server.transport=cuda_ipc: this process has no GPU assigned by Ray; "
+                "the caller must hold (a share of) the server's GPU. Use transport: "
+                "object_store here."
+            )
+        self.server = server
+        log.info("reward transport cuda_ipc to %s (GPU %s)", server, gpus)
+
+    def call(self, method: str, images: torch.Tensor, *args, timeout: float | None = None):
+        """``server.method(images, *args)`` with ``images`` and the answer's tensors mapped
+        by CUDA IPC. Raises what the server raised."""
+        if not (isinstance(images, torch.Tensor) and images.is_cuda):
+            raise ValueError("reward_server.transport=cuda_ipc sends CUDA tensors only")
+        x_ref = ray.put(images, _tensor_transport="cuda_ipc")
+        ref = getattr(self.server, method).options(tensor_transport="cuda_ipc")
+        ref = ref.remote(x_ref, *args)
+        out = ray.get(ref, timeout=timeout)
+        own = _own(out)
+        del out, ref, x_ref  # the server may now free its copy, and this one the images
+        return own
+
+
+def _own(value):
+    """``value`` with every tensor copied into this process's memory."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_own(v) for v in value)
+    return value
+
+
+def _where(actor=None) -> tuple[str, list]:
+    return ray.get_runtime_context().get_node_id(), [str(g) for g in ray.get_gpu_ids()]
+
+
+def _check_separate_gpus(server) -> None:
+    """NCCL connects one rank per GPU: two processes on one device fail at the first
+    transfer ("Duplicate GPU detected", seen on an H100), after which Ray kills both. Say so
+    before that happens."""
+    node, gpus = _where()
+    s_node, s_gpus = ray.get(server.__ray_call__.remote(_where))
+    shared = sorted(set(gpus) & set(s_gpus)) if node == s_node else []
+    if shared:
+        raise TransportUnavailable(
+            f"reward_server.transport=nccl: this caller and the server share GPU {shared}, and "
+            "NCCL cannot connect two processes on one GPU. Use transport: cuda_ipc for a "
+            "server on the caller's GPU."
+        )
 
 
 def _join(actor, world_size: int, rank: int, group: str, transport: str) -> None:

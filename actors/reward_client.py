@@ -7,7 +7,7 @@ good is created again.
 
 Wire format (``reward_server.transport: object_store``): the client sends numpy arrays, because
 Ray moves those through its object store without pickling (torch tensors are pickled, several
-times slower at image sizes). With ``gloo`` / ``nccl`` the server is a
+times slower at image sizes). With ``gloo`` / ``nccl`` / ``cuda_ipc`` the server is a
 :class:`~actors.direct_transport.DirectRewardServer` and torch tensors travel by Ray's direct
 tensor transport; the caller must then be a suitable actor (see that module).
 """

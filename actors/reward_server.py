@@ -77,6 +77,9 @@ class ServerCore:
         forward_threads: see :class:`~rlhf.run_config.ServerConfig`.
     """
 
+    # Whether answers stay on the compute device (a GPU transport) or go to host memory.
+    answer_on_device = False
+
     def __init__(
         self,
         spec: dict | RewardSpec | str,
@@ -218,6 +221,8 @@ class ServerCore:
         x = x.to(self.device, torch.float32, non_blocking=True)
         key = self.spec.key
         s = score_and_grad({key: (w, self.model.score)}, x, prompts, grad=weights is not None)
+        if self.answer_on_device:  # a GPU transport: no round trip through host memory
+            return s.components[key], s.grad
         return s.components[key].cpu(), None if s.grad is None else s.grad.cpu()
 
 
@@ -317,8 +322,8 @@ class RewardServer(ServerCore):
 
 
 def _check_images(images) -> torch.Tensor:
-    """A request's images as a CPU tensor, or ``ValueError``: ``(B, 3, H, W)`` float in
-    [0, 1], numpy or torch."""
+    """A request's images as a tensor where they arrived (host memory, or the server's GPU over
+    a GPU transport), or ``ValueError``: ``(B, 3, H, W)`` float in [0, 1], numpy or torch."""
     if isinstance(images, np.ndarray):
         if images.dtype.kind not in "fiub":
             raise ValueError(f"images must be a float array in [0, 1], got dtype {images.dtype}")
@@ -334,7 +339,7 @@ def _check_images(images) -> torch.Tensor:
             raise ValueError("images contain NaN or infinite values")
         if lo < -_RANGE_TOL or hi > 1 + _RANGE_TOL:
             raise ValueError(f"images must have values in [0, 1], got range [{lo:.3f}, {hi:.3f}]")
-    return images.cpu()
+    return images
 
 
 def _check_prompts(prompts, n: int) -> list[str]:

@@ -56,7 +56,7 @@ class PromptsConfig:
                 raise ValueError(f"{path}.{key}={getattr(self, key)} must be >= 1")
 
 
-TRANSPORTS = ("object_store", "gloo", "nccl")
+TRANSPORTS = ("object_store", "gloo", "nccl", "cuda_ipc")
 
 
 @dataclass
@@ -78,7 +78,10 @@ class ServerConfig:
         store, from any caller. ``gloo`` / ``nccl``: Ray's direct tensor transport between
         actors (CPU / GPU tensors), see :mod:`actors.direct_transport`; the caller must be an
         actor of a class declared ``@ray.remote(enable_tensor_transport=True)``, else its
-        first call fails saying so.
+        first call fails saying so. ``cuda_ipc``: the server maps the caller's GPU memory and
+        the caller maps the server's (CUDA IPC, no copy through the host); caller and server
+        must share one GPU assigned by Ray (fractional ``num_gpus`` on the same device), and
+        any process with that GPU can call, Ray Train workers included.
     """
 
     resources: ActorResources = field(default_factory=ActorResources)
@@ -104,6 +107,11 @@ class ServerConfig:
         if self.transport not in TRANSPORTS:
             raise ValueError(
                 f"{path}.transport={self.transport!r} must be one of {', '.join(TRANSPORTS)}"
+            )
+        if self.transport in ("nccl", "cuda_ipc") and not self.resources.num_gpus:
+            raise ValueError(
+                f"{path}.transport={self.transport} moves GPU tensors: it needs "
+                f"{path}.resources.num_gpus > 0"
             )
 
 

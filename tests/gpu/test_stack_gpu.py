@@ -8,6 +8,8 @@ Each run writes what it measured (images/s, step and reward time, peak GPU memor
 worker, checkpoint size) as JSON into ``$RLHF_GPU_REPORT`` when that is set:
 
     RLHF_GPU_REPORT=/tmp/gpu pytest -m gpu tests/gpu/test_stack_gpu.py -s
+
+``RLHF_GPU_TRANSPORT=cuda_ipc`` sends the reward traffic by CUDA IPC instead of the object store.
 """
 
 import json
@@ -22,6 +24,8 @@ import yaml
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
+# How reward traffic travels (reward_server.transport): object_store, or cuda_ipc (same GPU).
+TRANSPORT = os.environ.get("RLHF_GPU_TRANSPORT", "object_store")
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +91,11 @@ def _config(tmp_path: Path, model: str, size: int, shape: str) -> Path:
             "gpus_per_worker": 0.5,
             "max_failures": 0,
         },
-        "reward_server": {"resources": {"num_cpus": 4, "num_gpus": 0.25}, "max_batch_size": 8},
+        "reward_server": {
+            "resources": {"num_cpus": 4, "num_gpus": 0.25},
+            "max_batch_size": 8,
+            "transport": TRANSPORT,
+        },
         "train": {"max_steps": STEPS, "batch_size": 1, "eval_every": 2, "max_bad_steps": 2},
         "checkpoint": {"every": 2, "keep": 2},
         "mlflow": {
@@ -153,6 +161,7 @@ def test_finetune_on_one_gpu_checkpoint_ctrl_c_and_resume(
         "size": size,
         "device": torch.cuda.get_device_name(),
         "attention": "xformers" if _has_xformers() else "sdpa",
+        "transport": TRANSPORT,
         "folder_build_s": build_s,
         "first_run_s": first_s,
         "resume_run_s": resume_s,
@@ -166,7 +175,9 @@ def test_finetune_on_one_gpu_checkpoint_ctrl_c_and_resume(
     out = os.environ.get("RLHF_GPU_REPORT")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / f"stack_{shape}_{size}.json").write_text(json.dumps(report, indent=2))
+        (Path(out) / f"stack_{shape}_{size}_{TRANSPORT}.json").write_text(
+            json.dumps(report, indent=2)
+        )
     # A LoRA run's checkpoint holds the adapters and their optimiser state, not the base.
     assert ckpt_bytes < 2**30
 

@@ -169,5 +169,9 @@ def test_callers_rdt_cannot_serve_are_told(clients):
 def test_transport_setting_is_validated(value):
     with pytest.raises(ValueError, match=r"reward_server\.transport=.* must be one of"):
         ServerConfig(transport=value).validate()
-    for ok in ("object_store", "gloo", "nccl"):
+    for ok in ("object_store", "gloo"):
         ServerConfig(transport=ok).validate()
+    for gpu in ("nccl", "cuda_ipc"):
+        with pytest.raises(ValueError, match=rf"transport={gpu} .*resources\.num_gpus > 0"):
+            ServerConfig(transport=gpu).validate()
+        ServerConfig(transport=gpu, resources=ActorResources(num_gpus=0.25)).validate()
