@@ -190,9 +190,14 @@ def save_resume(engine, folder: str | os.PathLike, step: int, state: dict | None
     with atomic_folder(folder) as tmp:
         # Trainable state only: a LoRA run's frozen base (16 GB for SD3.5-Large) comes back
         # from generator.model on resume, not from every checkpoint.
-        engine.save_checkpoint(
-            str(tmp / "deepspeed"), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True
-        )
+        # Nor the fixed positional table (432 MiB for SD3.5-Medium), rebuilt at construction.
+        with without_fixed_buffers(engine.module):
+            engine.save_checkpoint(
+                str(tmp / "deepspeed"),
+                tag=DS_TAG,
+                save_latest=False,
+                exclude_frozen_parameters=True,
+            )
         tensors, meta = _rng_state()
         (tmp / "rng").mkdir(exist_ok=True)
         save_file(tensors, str(tmp / "rng" / f"rank{rank}.safetensors"))
@@ -235,12 +240,42 @@ def load_deepspeed_checkpoint(engine, folder: str | os.PathLike, tag: str) -> No
         raise FileNotFoundError(f"{folder}: DeepSpeed found no checkpoint {tag!r} to load")
 
 
+def _fixed_buffers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(qualified name, owner)`` of the buffers that construction rebuilds from the config
+    and training never changes: the sin-cos positional table of diffusers' ``PatchEmbed``,
+    persistent in SD3 (``pos_embed_max_size``) though it is a function of the config."""
+    from diffusers.models.embeddings import PatchEmbed
+
+    return [
+        (f"{name}.pos_embed" if name else "pos_embed", m)
+        for name, m in module.named_modules()
+        if isinstance(m, PatchEmbed) and m._buffers.get("pos_embed") is not None
+    ]
+
+
+@contextlib.contextmanager
+def without_fixed_buffers(module: nn.Module) -> Iterator[None]:
+    """Within the block, ``module.state_dict()`` leaves out :func:`_fixed_buffers`."""
+    marked = []
+    for _, m in _fixed_buffers(module):
+        if "pos_embed" not in m._non_persistent_buffers_set:
+            m._non_persistent_buffers_set.add("pos_embed")
+            marked.append(m)
+    try:
+        yield
+    finally:
+        for m in marked:
+            m._non_persistent_buffers_set.discard("pos_embed")
+
+
 def load_trainable(src: dict, dst: torch.nn.Module) -> None:
     """Load a module state saved without its frozen parameters: every trainable parameter
     and buffer of ``dst`` must be in ``src``, and nothing else may be (a checkpoint of another
     model, rank or adapter fails here, naming the keys). A state that holds the frozen
-    parameters too (older bundles) loads them as well."""
+    parameters too (older bundles) loads them as well; the fixed positional table may be
+    absent (see :func:`without_fixed_buffers`)."""
     frozen = {n for n, p in dst.named_parameters() if not p.requires_grad}
+    frozen |= {n for n, _ in _fixed_buffers(dst)}
     result = dst.load_state_dict(src, strict=False)
     missing = sorted(set(result.missing_keys) - frozen)
     if missing or result.unexpected_keys:

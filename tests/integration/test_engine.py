@@ -131,6 +131,7 @@ def _run_rank(rank, world, port, out):
             # Trainable state only: no frozen base weight in the bundle, every adapter in it.
             "frozen_saved": len(saved & _frozen(gen.transformer)),
             "trainable_missing": len(_trainable(gen.transformer) - saved),
+            "fixed_saved": [k for k in saved if k.endswith("pos_embed")],
         }
         torch.save(sd, out / f"sd{stage}_rank{rank}.pt")
     (out / f"result{rank}.json").write_text(json.dumps(results))
@@ -228,6 +229,7 @@ def test_two_ranks_match_one_rank_with_double_batch_zero2_and_zero3(tmp_path):
             assert res["step"] == STEPS and res["state"] == {"data_position": 7 + stage}
             assert res["rng_restored"]
             assert res["frozen_saved"] == 0 and res["trainable_missing"] == 0, res
+            assert res["fixed_saved"] == [], res  # SD3's positional table is rebuilt, not saved
             assert res["back_max_diff"] == 0.0  # weights restored exactly
             assert res["redo_moved"] > 0
             # Same step from the restored optimiser state (Adam moments) -> same weights.

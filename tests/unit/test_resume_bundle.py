@@ -47,3 +47,31 @@ def test_a_missing_trainable_key_or_an_unexpected_key_fails_naming_them():
     other = _trainable_state(_model(extra=True))
     with pytest.raises(ValueError, match=r"unexpected \['2.bias', '2.weight'\]"):
         load_trainable(other, dst)
+
+
+def test_sd3s_fixed_positional_table_is_left_out_and_not_required():
+    """SD3's PatchEmbed keeps its sin-cos table as a persistent buffer (pos_embed_max_size),
+    432 MiB for SD3.5-Medium: bundles leave it out, and loading does not ask for it."""
+    from rlhf.export import without_fixed_buffers
+    from rlhf.tiny_sd3 import build_tiny_pipeline
+
+    src = build_tiny_pipeline(seed=0).transformer
+    src.requires_grad_(False)
+    src.proj_out.requires_grad_(True)  # stands for the adapters
+    assert "pos_embed.pos_embed" in src.state_dict()
+    with without_fixed_buffers(src):
+        state = {k: v for k, v in src.state_dict().items() if k.startswith("proj_out.")}
+        assert "pos_embed.pos_embed" not in src.state_dict()
+    assert "pos_embed.pos_embed" in src.state_dict()  # only within the block
+    with torch.no_grad():
+        state["proj_out.weight"] += 1.0
+    dst = build_tiny_pipeline(seed=0).transformer
+    dst.requires_grad_(False)
+    dst.proj_out.requires_grad_(True)
+    table = dst.pos_embed.pos_embed.clone()
+    load_trainable(state, dst)
+    assert torch.equal(dst.proj_out.weight, state["proj_out.weight"])
+    assert torch.equal(dst.pos_embed.pos_embed, table)
+    del state["proj_out.bias"]
+    with pytest.raises(ValueError, match=r"missing \['proj_out.bias'\]"):
+        load_trainable(state, dst)
