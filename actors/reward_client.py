@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import ray
@@ -142,6 +142,50 @@ class RewardClient(SpecHandle):
             return scores.to(device), grad.to(device, dtype)
         scores, grad = self._call("score_and_grad", _to_wire(images), _prompts(prompts), w)
         return torch.tensor(scores, device=device), torch.tensor(grad, dtype=dtype, device=device)
+
+    def start_call(
+        self, images: torch.Tensor, prompts: Sequence[str] | None, grad: bool = True
+    ) -> Callable[[], tuple[torch.Tensor, torch.Tensor | None]]:
+        """Send :meth:`score_and_grad` (``grad``) or :meth:`score` without waiting; the
+        returned function waits and returns ``(scores, grad or None)`` as those would, with
+        the same errors and retries. The caller's thread can compute meanwhile, and several
+        servers compute at once, with no thread of ours in between: a helper thread that
+        touched a tensor would give the process a second OpenMP team, and libgomp, counting
+        more threads than cores, then stops spinning between parallel regions in every
+        thread (BENCHMARKS.md section 6). Over a direct transport the call runs when the
+        returned function is called."""
+        w = self.weight
+        if self.direct:
+            if grad:
+                return lambda: self.score_and_grad(images, prompts, w)
+            return lambda: (self.score(images, prompts), None)
+        dtype = images.dtype if isinstance(images, torch.Tensor) else None
+        device = _device(images)
+        method = "score_and_grad" if grad else "score"
+        args = (_to_wire(images), _prompts(prompts), *((w,) if grad else ()))
+        try:
+            ref = getattr(self.handle, method).remote(*args)
+        except RayActorError:
+            ref = None  # sent again, and the server created again if need be, on waiting
+
+        def wait():
+            out = self._call(method, *args) if ref is None else self._get(ref, method, args)
+            if not grad:
+                return torch.tensor(out, device=device), None
+            scores, g = out
+            return torch.tensor(scores, device=device), torch.tensor(g, dtype=dtype, device=device)
+
+        return wait
+
+    def _get(self, ref, method: str, args: tuple):
+        try:
+            return ray.get(ref, timeout=self.config.timeout_s)
+        except RayTaskError as e:
+            if isinstance(e.cause, ValueError):
+                raise e.cause from None
+            raise
+        except RayActorError:
+            return self._call(method, *args)  # Ray's retries are spent: find or recreate it
 
     def info(self) -> dict:
         return self._call("info")

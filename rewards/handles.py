@@ -138,8 +138,9 @@ def score_handles(
     """Score ``images (B, 3, H, W)`` in [0, 1] with every handle; with ``grad``, also
     ``d(sum_j w_j sum(r_j)) / d(images)`` (float32) over the handles of nonzero weight.
 
-    Handles that compute elsewhere (servers) run from ``pool`` threads while the in-process
-    ones compute here; each call keeps its client's retry-on-restart behaviour.
+    Handles that compute elsewhere (servers) are sent first (``start_call``, no thread) or run
+    from ``pool`` threads, while the in-process ones compute here; each call keeps its
+    client's retry-on-restart behaviour.
     """
     x = images.detach().float()
     prompts = list(prompts)
@@ -149,9 +150,21 @@ def score_handles(
             return h.score_and_grad(x, prompts)
         return h.score(x, prompts), None
 
-    remote = {h.key: pool.submit(call, h) for h in handles if pool is not None and not h.in_process}
-    out = {h.key: call(h) for h in handles if h.key not in remote}
+    # Handles that can send a call without waiting do so first (no helper thread), then the
+    # others go to the pool, the in-process ones compute here, and the sent ones are waited on.
+    sent = {
+        h.key: h.start_call(x, prompts, grad=grad and weighted(h.weight))
+        for h in handles
+        if not h.in_process and callable(getattr(h, "start_call", None))
+    }
+    remote = {
+        h.key: pool.submit(call, h)
+        for h in handles
+        if pool is not None and not h.in_process and h.key not in sent
+    }
+    out = {h.key: call(h) for h in handles if h.key not in remote and h.key not in sent}
     out.update({k: f.result() for k, f in remote.items()})
+    out.update({k: wait() for k, wait in sent.items()})
     comps = {h.key: out[h.key][0].float() for h in handles}
     total = weighted_total({h.key: (h.weight, h) for h in handles}, comps)
     g = None

@@ -79,6 +79,48 @@ def test_saved_reward_loads_and_matches_in_process(server, saved_ict):
     _close(weighted.score_and_grad(x, p)[1], g_ref)
 
 
+def test_start_call_sends_now_and_answers_on_waiting(server, saved_ict):
+    """How a generator worker calls its servers: every call sent before waiting on any (no
+    helper thread), the same answers as the blocking calls, the server's errors on waiting."""
+    model, folder = saved_ict
+    spec = {"name": "ict", "checkpoint": str(folder), "weight": -1.5}
+    client = RewardClient(spec, server.config)
+    x, p = _batch(3, 21)
+    before = server.info()
+    with_grad = client.start_call(x, p, grad=True)
+    score_only = client.start_call(x, p, grad=False)
+    s, g = with_grad()
+    s_only, none = score_only()
+    s_ref, g_ref = _local(model, x, p, -1.5)
+    _close(s, s_ref)
+    _close(g, g_ref)
+    _close(s_only, s_ref)
+    assert none is None and g.dtype == x.dtype
+    assert server.info()["requests"] - before["requests"] == 2
+    bad = client.start_call(x * 3, p, grad=True)  # sent without complaint ...
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        bad()  # ... the server's error when waited on
+
+
+def test_start_call_to_a_server_gone_for_good_creates_it_again(ray_local, saved_ict):
+    model, folder = saved_ict
+    client = RewardClient({"name": "ict", "checkpoint": str(folder)}, ServerConfig(resources=SMALL))
+    client.start()
+    try:
+        old = client.handle
+        x, p = _batch(2, 22)
+        ray.kill(old, no_restart=True)
+        wait = client.start_call(x, p)  # sent to the dead server's handle
+        s, g = wait()
+        s_ref, g_ref = _local(model, x, p)
+        _close(s, s_ref)
+        _close(g, g_ref)
+        assert client.handle._actor_id != old._actor_id
+        _close(client.start_call(x, p)()[0], s_ref)  # and to its successor
+    finally:
+        client.shutdown()
+
+
 def test_request_larger_than_max_batch_is_chunked(server, saved_ict):
     model, _ = saved_ict
     x, p = _batch(19, 1)  # 8 + 8 + 3
