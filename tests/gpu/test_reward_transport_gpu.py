@@ -7,35 +7,13 @@ same reward computed in-process, and a caller without a GPU is told why it canno
 """
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 pytestmark = [pytest.mark.gpu]
-ROOT = Path(__file__).resolve().parents[2]
 SHARE = 0.25
-
-
-@pytest.fixture(scope="module")
-def ray_gpu():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    ray.init(
-        address="local",
-        num_cpus=8,
-        num_gpus=1,
-        include_dashboard=False,
-        configure_logging=False,
-        runtime_env={"env_vars": {"PYTHONPATH": path}},
-    )
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -22,29 +22,9 @@ import torch
 import yaml
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
 # How reward traffic travels (reward_server.transport): object_store, or cuda_ipc (same GPU).
 TRANSPORT = os.environ.get("RLHF_GPU_TRANSPORT", "object_store")
-
-
-@pytest.fixture(scope="module")
-def ray_gpu():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    ray.init(
-        address="local",
-        num_gpus=1,
-        include_dashboard=False,
-        configure_logging=False,
-        runtime_env={"env_vars": {"PYTHONPATH": path}},
-    )
-    yield ray
-    ray.shutdown()
 
 
 def _config(tmp_path: Path, model: str, size: int, shape: str) -> Path:
