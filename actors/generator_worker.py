@@ -65,6 +65,9 @@ class GeneratorWorker:
         self.rank, self.world = rank, world
         self.engine = None
         self.eval_only: set[str] = set()
+        # Only for remote handles without start_call (RewardClient has it): threads are made on
+        # first use, and a thread that touches tensors slows every OpenMP region here (see
+        # RewardClient.start_call).
         self._pool = ThreadPoolExecutor(8, thread_name_prefix="reward-call")
 
     # ------------------------------------------------------------------ set-up
