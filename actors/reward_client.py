@@ -118,13 +118,7 @@ class RewardClient(SpecHandle):
     def score(self, images: torch.Tensor, prompts: Sequence[str] | None) -> torch.Tensor:
         """Args: images ``(B, 3, H, W)`` float in [0, 1] (any device); prompts ``B`` strings.
         Returns: scores ``(B,)`` float32 on the images' device."""
-        if self.direct:
-            scores = self._call(
-                "score", _to_direct(images, self.config.transport), _prompts(prompts)
-            )
-            return scores.to(_device(images))
-        scores = self._call("score", _to_wire(images), _prompts(prompts))
-        return torch.tensor(scores, device=_device(images))
+        return self.start_call(images, prompts, grad=False)()[0]
 
     def score_and_grad(
         self, images: torch.Tensor, prompts: Sequence[str] | None, weight: float | None = None
@@ -132,48 +126,40 @@ class RewardClient(SpecHandle):
         """Returns ``(scores (B,), grad (B, 3, H, W))``, ``grad = d(w * sum(scores)) /
         d(images)`` with the images' dtype and device, ready for ``images.backward(-grad)``;
         ``w`` is ``weight``, or the spec's when None."""
+        return self.start_call(images, prompts, grad=True, weight=weight)()
+
+    def start_call(
+        self,
+        images: torch.Tensor,
+        prompts: Sequence[str] | None,
+        grad: bool = True,
+        weight: float | None = None,
+    ) -> Callable[[], tuple[torch.Tensor, torch.Tensor | None]]:
+        """Send :meth:`score_and_grad` (``grad``, with ``weight``) or :meth:`score` without
+        waiting; the returned function waits and returns ``(scores, grad or None)`` as those
+        do, with the same errors and retries. The caller's thread can compute meanwhile, and
+        several servers compute at once, with no thread of ours in between: a helper thread
+        that touched a tensor would give the process a second OpenMP team, and libgomp,
+        counting more threads than cores, then stops spinning between parallel regions in
+        every thread (BENCHMARKS.md section 6). Over a direct transport the call is made
+        when the returned function is called (its channel waits)."""
         w = self.weight if weight is None else weight
         dtype = images.dtype if isinstance(images, torch.Tensor) else None
         device = _device(images)
-        if self.direct:
-            scores, grad = self._call(
-                "score_and_grad", _to_direct(images, self.config.transport), _prompts(prompts), w
-            )
-            return scores.to(device), grad.to(device, dtype)
-        scores, grad = self._call("score_and_grad", _to_wire(images), _prompts(prompts), w)
-        return torch.tensor(scores, device=device), torch.tensor(grad, dtype=dtype, device=device)
-
-    def start_call(
-        self, images: torch.Tensor, prompts: Sequence[str] | None, grad: bool = True
-    ) -> Callable[[], tuple[torch.Tensor, torch.Tensor | None]]:
-        """Send :meth:`score_and_grad` (``grad``) or :meth:`score` without waiting; the
-        returned function waits and returns ``(scores, grad or None)`` as those would, with
-        the same errors and retries. The caller's thread can compute meanwhile, and several
-        servers compute at once, with no thread of ours in between: a helper thread that
-        touched a tensor would give the process a second OpenMP team, and libgomp, counting
-        more threads than cores, then stops spinning between parallel regions in every
-        thread (BENCHMARKS.md section 6). Over a direct transport the call runs when the
-        returned function is called."""
-        w = self.weight
-        if self.direct:
-            if grad:
-                return lambda: self.score_and_grad(images, prompts, w)
-            return lambda: (self.score(images, prompts), None)
-        dtype = images.dtype if isinstance(images, torch.Tensor) else None
-        device = _device(images)
         method = "score_and_grad" if grad else "score"
-        args = (_to_wire(images), _prompts(prompts), *((w,) if grad else ()))
-        try:
-            ref = getattr(self.handle, method).remote(*args)
-        except RayActorError:
-            ref = None  # sent again, and the server created again if need be, on waiting
+        wire = _to_direct(images, self.config.transport) if self.direct else _to_wire(images)
+        args = (wire, _prompts(prompts), *((w,) if grad else ()))
+        ref = None  # None: the call is made (or made again) on waiting, with its retries
+        if not self.direct:
+            try:
+                ref = getattr(self.handle, method).remote(*args)
+            except RayActorError:
+                pass
 
         def wait():
             out = self._call(method, *args) if ref is None else self._get(ref, method, args)
-            if not grad:
-                return torch.tensor(out, device=device), None
-            scores, g = out
-            return torch.tensor(scores, device=device), torch.tensor(g, dtype=dtype, device=device)
+            scores, g = out if grad else (out, None)
+            return _answer(scores, device), None if g is None else _answer(g, device, dtype)
 
         return wait
 
@@ -246,6 +232,14 @@ def _to_wire(images):
             t = t.float()
         return t.cpu().contiguous().numpy()
     return images  # the server says what is wrong with it
+
+
+def _answer(value, device, dtype=None) -> torch.Tensor:
+    """An answer (a tensor over a direct transport, a numpy array over the object store) on
+    the caller's device, in ``dtype`` when given."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, dtype)
+    return torch.tensor(value, dtype=dtype, device=device)
 
 
 def _to_direct(images, transport: str):
