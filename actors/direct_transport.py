@@ -97,8 +97,8 @@ class DirectRewardServer(ServerCore):
                 f"reward_server.transport={transport} needs a server on a GPU (num_gpus > 0)"
             )
         self.transport = transport
-        self.answer_on_device = transport != "gloo"  # NCCL and CUDA IPC move GPU tensors
-        self._out_device = self.device if transport != "gloo" else torch.device("cpu")
+        # NCCL and CUDA IPC move GPU tensors: answers stay on this GPU (Gloo: host memory).
+        self.answer_on_device = transport != "gloo"
         self._cv = threading.Condition()
         self._slots = threading.Semaphore(self.forward_threads)
         self._runner: threading.Thread | None = None
@@ -108,14 +108,13 @@ class DirectRewardServer(ServerCore):
         """Args: images ``(B, 3, H, W)`` float in [0, 1]; prompts ``B`` strings.
         Returns: scores ``(B,)`` float32."""
         scores, _ = self._submit(self._request(SCORE, images, prompts, 1.0)[0])
-        return scores.to(self._out_device)
+        return scores
 
     @ray.method(max_task_retries=-1)
     def score_and_grad(self, images: torch.Tensor, prompts: Sequence[str] | None, weight=1.0):
         """Returns ``(scores (B,) float32, grad (B, 3, H, W))``, ``grad = d(weight *
         sum(scores)) / d(images)`` in the images' dtype."""
-        scores, grad = self._submit(self._request(GRAD, images, prompts, weight)[0])
-        return scores.to(self._out_device), grad.to(self._out_device)
+        return self._submit(self._request(GRAD, images, prompts, weight)[0])
 
     @ray.method(max_task_retries=-1)
     def ping(self) -> bool:
