@@ -3,7 +3,10 @@
 On renders of held-out easy prompts, GenEval-mini (the judge) of:
 - the VAE's reconstructions, and of reconstructions from latents with added Gaussian noise;
 - the transformer's one-step prediction of the clean latent from a render noised to ``t``
-  (``x0 = x_t - t v``), decoded.
+  (``x0 = x_t - t v``), decoded;
+- which words the transformer reads: its flow-matching loss on renders of single-object colour
+  prompts ("a purple triangle") with the true caption, the colour swapped, the shape swapped
+  and the empty caption (a word it ignores costs nothing when swapped).
 
     python -m bench.world_diagnose [--world DIR] [--prompts 240] [--out FILE.json]
 """
@@ -47,6 +50,49 @@ def run(world: str | None, prompts: int) -> dict:
         for s in NOISE
     }
     out["one_step_x0"] = one_step_x0(pipe, judge, specs, z, g)
+    out["caption_swap_loss"] = caption_swap_loss(pipe)
+    return out
+
+
+def caption_swap_loss(pipe, n: int = 192, times=(0.5, 0.7, 0.85, 0.95)) -> dict:
+    """Per t, the unweighted flow-matching loss of ``pipe.transformer`` on renders of ``n``
+    single-object colour prompts, under the true caption and three altered ones."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from rewards.world import scenes as S
+    from rlhf.world import sd3
+
+    rng = np.random.default_rng(5)
+    renders, captions = [], {"true": [], "colour_swapped": [], "shape_swapped": [], "empty": []}
+    for _ in range(n):
+        spec = S.sample_spec(rng, "colors")
+        renders.append(S.to_uint8(S.render(S.scene_for(spec, rng), rng)))
+        colour = rng.choice([c for c in S.COLOURS if c != spec.colours[0]])
+        shape = rng.choice([c for c in S.SHAPES if c != spec.shapes[0]])
+        captions["true"].append(spec.prompt())
+        captions["colour_swapped"].append(dataclasses.replace(spec, colours=[colour]).prompt())
+        captions["shape_swapped"].append(dataclasses.replace(spec, shapes=[shape]).prompt())
+        captions["empty"].append("")
+    z = sd3.encode_latents(pipe.vae, np.stack(renders))
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(0))
+    cond = {k: sd3._encode(pipe, v, 1) for k, v in captions.items()}
+    out = {}
+    for t in times:
+        xt = (1 - t) * z + t * noise
+        row = {}
+        for name, (embeds, pooled) in cond.items():
+            with torch.no_grad():
+                v = pipe.transformer(
+                    hidden_states=xt,
+                    timestep=torch.full((n,), t * 1000),
+                    encoder_hidden_states=embeds,
+                    pooled_projections=pooled,
+                ).sample
+            row[name] = round(float((v - (noise - z)).pow(2).mean()), 4)
+        out[str(t)] = row
     return out
 
 

@@ -44,7 +44,16 @@ def rows(rewards_dir: Path) -> dict[str, list[dict]]:
     }
 
 
-def run(rewards_dir: str, steps: int, short: bool, grid_path: str | None) -> dict:
+def run(
+    rewards_dir: str,
+    steps: int,
+    short: bool,
+    grid_path: str | None,
+    only: list[str] | None = None,
+    extra: list[str] | None = None,
+) -> dict:
+    """Every row of :func:`rows` (``only``: those labels, with ``base`` always first) with
+    ``extra`` config overrides (``key=value``) on top of the table's settings."""
     from rewards.registry import build_reward
     from rlhf.image_stats import grid, to_uint8
     from rlhf.world.experiments import finetune_world, world_config
@@ -59,8 +68,11 @@ def run(rewards_dir: str, steps: int, short: bool, grid_path: str | None) -> dic
     for label, rewards in rows(rdir).items():
         if short and label not in ("base", "+ICT"):
             continue
+        if only and label != "base" and label not in only:
+            continue
         t = time.perf_counter()
         overrides = [f"train.max_steps={steps}", f"prompts.synthetic_eval={12 if short else 120}"]
+        overrides += extra or []
         if rewards:  # the base row trains nothing and keeps world.yaml's rewards unused
             overrides.append(f"rewards={json.dumps(rewards)}")
         out = finetune_world(world_config(*overrides), scorers, train=bool(rewards))
@@ -77,7 +89,13 @@ def run(rewards_dir: str, steps: int, short: bool, grid_path: str | None) -> dic
         gap = np.full((6, pictures[0].shape[1], 3), 255, np.uint8)
         stacked = np.concatenate([x for p in pictures for x in (p, gap)][:-1], axis=0)
         Image.fromarray(stacked).save(grid_path)
-    return {"suite": "world_finetune", "short": short, "steps": steps, "rows": results}
+    return {
+        "suite": "world_finetune",
+        "short": short,
+        "steps": steps,
+        "overrides": extra or [],
+        "rows": results,
+    }
 
 
 def main(argv=None) -> int:
@@ -86,9 +104,20 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=60, help="DRaFT-K steps per row (default: 60)")
     p.add_argument("--short", action="store_true", help="two rows, 12 held-out prompts")
     p.add_argument("--grid", default=None, help="write every row's samples here (PNG)")
+    p.add_argument(
+        "--rows", default=None, help="comma-separated row labels (e.g. +ICT,+HP; base always)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every row (e.g. policy.draft.k=10); repeatable",
+    )
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    return emit(run(a.rewards, a.steps, a.short, a.grid), a.out)
+    only = a.rows.split(",") if a.rows else None
+    return emit(run(a.rewards, a.steps, a.short, a.grid, only, a.set), a.out)
 
 
 if __name__ == "__main__":

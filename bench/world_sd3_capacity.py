@@ -53,7 +53,16 @@ def _x0_scores(gen, judge, n: int) -> dict:
     return {t: r["geneval_mini"] for t, r in res.items()}
 
 
-def run(layers: int, heads: int, seconds: float, images: int, prompts: int, lr: float) -> dict:
+def run(
+    layers: int,
+    heads: int,
+    seconds: float,
+    images: int,
+    prompts: int,
+    lr: float,
+    patch: int = 2,
+    object_weight: float = 0.0,
+) -> dict:
     import torch
     from diffusers import SD3Transformer2DModel
 
@@ -67,19 +76,20 @@ def run(layers: int, heads: int, seconds: float, images: int, prompts: int, lr: 
     recipe = Recipe()
     gen = load_world_generator(world.SD3_DIR)
     enc = gen.pipe.text_encoder
-    cfg = W.transformer_config(enc.config.hidden_size, enc.config.projection_dim)
+    cfg = W.transformer_config(enc.config.hidden_size, enc.config.projection_dim, patch_size=patch)
     cfg.update(num_layers=layers, num_attention_heads=heads, caption_projection_dim=32 * heads)
     torch.manual_seed(0)
     gen.pipe.transformer = SD3Transformer2DModel(**cfg)
     params = sum(p.numel() for p in gen.transformer.parameters())
     t0 = time.perf_counter()
-    renders, captions = _sd3_data(images, 0)
+    renders, captions, cover = _sd3_data(images, 0, masks=True)
     latents = W.encode_latents(gen.vae, renders)
+    weights = W.latent_weights(cover, object_weight) if object_weight else None
     data_s = time.perf_counter() - t0
     steps, per_step = _probe_steps(gen.pipe, latents, captions, recipe.sd3_batch, seconds, lr)
     t0 = time.perf_counter()
     losses = W.train_transformer(
-        gen.pipe, latents, captions, steps, recipe.sd3_batch, lr=lr, progress=False
+        gen.pipe, latents, captions, steps, recipe.sd3_batch, lr=lr, progress=False, weights=weights
     )
     train_s = time.perf_counter() - t0
     judge = Judge.load(world.JUDGE_DIR)
@@ -91,6 +101,8 @@ def run(layers: int, heads: int, seconds: float, images: int, prompts: int, lr: 
         "layers": layers,
         "heads": heads,
         "width": 32 * heads,
+        "patch": patch,
+        "object_weight": object_weight,
         "params": params,
         "steps": steps,
         "step_s": per_step,
@@ -111,9 +123,14 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=12000)
     ap.add_argument("--prompts", type=int, default=120)
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--patch", type=int, default=2, help="the transformer's patch size")
+    ap.add_argument(
+        "--object-weight", type=float, default=0.0, help="loss weight on object pixels (+1)"
+    )
     ap.add_argument("--out")
     a = ap.parse_args(argv)
-    return emit(run(a.layers, a.heads, a.seconds, a.images, a.prompts, a.lr), a.out)
+    r = run(a.layers, a.heads, a.seconds, a.images, a.prompts, a.lr, a.patch, a.object_weight)
+    return emit(r, a.out)
 
 
 if __name__ == "__main__":

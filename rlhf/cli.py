@@ -373,7 +373,7 @@ def _add_world(sub) -> None:
         "--clip-vision",
         choices=VISION_TOWERS,
         default=None,
-        help="the world CLIP's image tower (default: the recipe's, vit)",
+        help="the world CLIP's image tower (default: the recipe's, resnet)",
     )
     wb.set_defaults(func=cmd_world_build)
     wv = _parser(ws, "verify", "check the world's files against its manifest")

@@ -62,14 +62,29 @@ def make_triplets(data_dir: Path, fast: bool) -> dict:
 
     stats_file = data_dir / "stats.json"
     n_train, n_eval = TRIPLETS[fast]
-    if stats_file.is_file():
-        stats = json.loads(stats_file.read_text())
-        if stats.get("prompts") == [n_train, n_eval]:
-            return stats
-    stats = build_triplets(world.ASSETS, data_dir, n_train, n_eval)
-    stats["prompts"] = [n_train, n_eval]
+    key = {"prompts": [n_train, n_eval], "world": world_id(world.ASSETS)}
+    stats = cached_triplets(stats_file, key)
+    if stats is not None:
+        return stats
+    stats = {**build_triplets(world.ASSETS, data_dir, n_train, n_eval), **key}
     stats_file.write_text(json.dumps(stats, indent=2))
     return stats
+
+
+def world_id(root: Path) -> str:
+    """The sha256 of a built world's manifest: it changes whenever any of its files does."""
+    from rewards.checkpoints import file_sha256
+
+    return file_sha256(root / "manifest.json")
+
+
+def cached_triplets(stats_file: Path, key: dict) -> dict | None:
+    """The stats of triplets already in ``stats_file``'s folder when they were made with
+    ``key`` (the prompt counts and the world they were sampled from), else None."""
+    if not stats_file.is_file():
+        return None
+    stats = json.loads(stats_file.read_text())
+    return stats if all(stats.get(k) == v for k, v in key.items()) else None
 
 
 def before_after_grid(samples: Path, out: Path) -> Path | None:

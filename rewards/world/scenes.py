@@ -302,6 +302,17 @@ def render(scene: Scene, rng: np.random.Generator | None = None, noise: float = 
     return np.clip(img, 0.0, 1.0).astype(np.float32)
 
 
+def object_mask(scene: Scene) -> np.ndarray:
+    """``(SIZE, SIZE)`` float32: the fraction of each pixel covered by an object (the
+    renderer's 2x supersampling, box-filtered like :func:`render`)."""
+    s = 2 * SIZE
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+    m = np.zeros((s, s), bool)
+    for o in scene.objects:
+        m |= _mask(o.shape, yy - 2 * o.y, xx - 2 * o.x, 2 * o.r)
+    return m.reshape(SIZE, 2, SIZE, 2).mean(axis=(1, 3)).astype(np.float32)
+
+
 def to_uint8(img: np.ndarray) -> np.ndarray:
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 

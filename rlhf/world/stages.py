@@ -23,10 +23,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _sd3_data(n: int, seed: int):
+def _sd3_data(n: int, seed: int, masks: bool = False):
     """Renders and captions for the generator: easy prompts drawn plainly (most), refined
-    prompts drawn with their detail, and full descriptions of either."""
+    prompts drawn with their detail, and full descriptions of either; with ``masks``, also
+    each render's object coverage ``(n, SIZE, SIZE)`` (:func:`rewards.world.scenes.object_mask`)."""
     images = np.empty((n, S.SIZE, S.SIZE, 3), np.uint8)
+    cover = np.zeros((n, S.SIZE, S.SIZE), np.float32) if masks else None
     captions = []
     for i in range(n):
         rng = np.random.default_rng((seed, 7, i))
@@ -35,13 +37,15 @@ def _sd3_data(n: int, seed: int):
         detail = S.sample_detail(rng) if u >= 0.6 else None
         scene = S.scene_for(spec, rng, detail)
         images[i] = S.to_uint8(S.render(scene, rng))
+        if masks:
+            cover[i] = S.object_mask(scene)
         if u < 0.6:
             captions.append(spec.prompt())
         elif u < 0.85:
             captions.append(S.refine_prompt(spec.prompt(), detail))
         else:
             captions.append(S.describe(scene, rng))
-    return images, captions
+    return (images, captions, cover) if masks else (images, captions)
 
 
 def train_world_clip(folder: Path, recipe: Recipe, seed: int, scale: str) -> None:
@@ -83,10 +87,11 @@ def train_world_sd3(folder: Path, out: Path, recipe: Recipe, seed: int, scale: s
 
     model, tok = C.load_clip(out / "clip")
     text_encoder = C.hf_text_encoder(model, tok)
-    images, captions = _sd3_data(recipe.sd3_images, seed)
+    images, captions, cover = _sd3_data(recipe.sd3_images, seed, masks=True)
     vae = AutoencoderKL.from_pretrained(str(out / "vae")).eval().requires_grad_(False)
     latents = W.encode_latents(vae, images)
-    pipe = W.build_pipeline(vae, W.new_transformer(text_encoder, scale, seed), text_encoder, tok)
+    transformer = W.new_transformer(text_encoder, scale, seed, recipe.sd3_patch)
+    pipe = W.build_pipeline(vae, transformer, text_encoder, tok)
     W.train_transformer(
         pipe,
         latents,
@@ -95,6 +100,7 @@ def train_world_sd3(folder: Path, out: Path, recipe: Recipe, seed: int, scale: s
         recipe.sd3_batch,
         seed=seed,
         progress=True,
+        weights=W.latent_weights(cover, recipe.sd3_object_weight),
     )
     W.save_pipeline(pipe, folder)
 

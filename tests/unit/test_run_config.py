@@ -274,3 +274,25 @@ def test_the_fast_quickstart_reward_jobs_fit_their_triplets(tmp_path):
             cfg = reward_config(kind, tmp_path, tmp_path, fast, data)
             global_batch = cfg.optim.batch_size * cfg.scaling.num_workers
             assert 3 * global_batch <= TRIPLETS[fast][0] // 2, (kind, fast, global_batch)
+
+
+def test_quickstart_reuses_triplets_only_from_the_same_world_and_sizes(tmp_path):
+    """Triplets kept in quickstart_out/data are sampled from a world's SD3: after the world
+    is rebuilt (its manifest changes) they are stale and must be made again."""
+    import json
+
+    from rlhf.quickstart import cached_triplets, world_id
+
+    world = tmp_path / "world"
+    world.mkdir()
+    (world / "manifest.json").write_text('{"files": {}}')
+    key = {"prompts": [120, 60], "world": world_id(world)}
+    stats_file = tmp_path / "stats.json"
+    assert cached_triplets(stats_file, key) is None  # nothing kept yet
+    stats_file.write_text(json.dumps({"train": {"triplets": 50}, **key}))
+    assert cached_triplets(stats_file, key)["train"] == {"triplets": 50}
+    assert cached_triplets(stats_file, {**key, "prompts": [600, 150]}) is None
+    (world / "manifest.json").write_text('{"files": {"sd3": 1}}')  # the world was rebuilt
+    assert cached_triplets(stats_file, {**key, "world": world_id(world)}) is None
+    stats_file.write_text(json.dumps({"train": {}, "prompts": [120, 60]}))  # an older cache
+    assert cached_triplets(stats_file, key) is None

@@ -40,6 +40,29 @@ def test_scenes_meet_their_specs_by_the_renderer_truth():
         assert judge.check(spec, scene.objects), spec
 
 
+def test_object_mask_covers_exactly_the_drawn_objects_and_weights_them():
+    from rlhf.world import sd3 as W
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        scene = S.scene_for(S.sample_spec(rng), rng)  # plain: objects in flat colours
+        img = S.render(scene, rng)
+        cover = S.object_mask(scene)
+        background = np.asarray(S.BACKGROUNDS[scene.background], np.float32)
+        off = np.abs(img - background).max(-1) > 1e-3  # pixels the objects changed
+        assert ((cover > 0) == off).all()
+        full = cover == 1.0
+        assert all(
+            np.isclose(img[full], S.COLOURS[o.colour], atol=1e-3).all(-1).any()
+            for o in scene.objects
+        )
+    cover = np.zeros((2, S.SIZE, S.SIZE), np.float32)
+    cover[0, :16, :16] = 1.0
+    w = W.latent_weights(cover, 4.0)
+    assert w.shape == (2, 1, 16, 16) and torch.isclose(w.mean(), torch.tensor(1.0))
+    assert torch.isclose(w[0, 0, 0, 0] / w[1, 0, 0, 0], torch.tensor(5.0))
+
+
 def test_world_tokenizer_has_one_token_per_world_word():
     tok = T.build_tokenizer()
     eot = tok.convert_tokens_to_ids("<|endoftext|>")
@@ -151,8 +174,8 @@ def test_shipped_clip_and_judge_read_renders():
     clip = build_reward({"name": "clip", "options": {"backbone": "world"}})
     own = clip(images, prompts)
     other = clip(images, prompts[1:] + prompts[:1])
-    # Measured 0.78 on the shipped CLIP (shape binding is its weak side, see BENCHMARKS.md).
-    assert (own > other).float().mean() >= 0.7
+    # Measured 0.90 on the shipped (ResNet) CLIP; the earlier ViT one scored 0.78 here.
+    assert (own > other).float().mean() >= 0.85
 
 
 def test_geneval_mini_is_refused_as_a_training_reward():
@@ -166,11 +189,11 @@ def test_geneval_mini_is_refused_as_a_training_reward():
     assert "geneval_mini" in [s.name for s in cfg.eval_reward_specs()]
 
 
-# Measured on the shipped world (BENCHMARKS.md, "fine-tuning test"): held-out ICT 0.195 ->
-# 0.355 after 60 steps at lr 1e-3, while GenEval-mini went 0.125 -> 0.083: DRaFT-K optimises
-# the ICT it is given, and this world's ICT does not yet carry GenEval's binding (the issue's
-# goal of a GenEval-mini rise is not met, so it is not asserted).
-ICT_STEPS, ICT_LR, ICT_MARGIN = 60, 1e-3, 0.08
+# Measured on the shipped world (BENCHMARKS.md, "fine-tuning test"): held-out ICT 0.310 ->
+# 0.385 after 60 steps at lr 1e-3, while GenEval-mini went 0.167 -> 0.188 on these 48 prompts
+# (one image more): DRaFT-K optimises the ICT it is given; a GenEval-mini rise of one image
+# in 48 is inside the noise, so it is printed and not asserted (the issue's goal is not met).
+ICT_STEPS, ICT_LR, ICT_MARGIN = 60, 1e-3, 0.06
 
 
 @shipped
@@ -197,16 +220,26 @@ def test_finetuning_the_world_generator_raises_the_held_out_ict(one_torch_thread
 
 
 def test_world_clip_with_a_resnet_image_tower_trains_loads_and_freezes(tmp_path, one_torch_thread):
-    """The recipe's ``clip_vision: resnet``: open_clip's ModifiedResNet as the image tower,
-    saved and loaded like the ViT one, and frozen stage by stage like a ViT's blocks."""
+    """The recipe's ``clip_vision: resnet`` (the default): open_clip's ModifiedResNet as the
+    image tower, saved and loaded like the ViT one, and frozen stage by stage like a ViT's
+    blocks; ``--clip-vision vit`` builds the earlier ViT tower and says so in the command."""
     from rewards.backbones import build_backbone
     from rlhf.world.build import build_world
 
     out = tmp_path / "world"
-    build_world(out, scale="toy", seed=0, stages=("clip",), clip_vision="resnet")
+    build_world(out, scale="toy", seed=0, stages=("clip",))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["recipe"]["clip_vision"] == "resnet"
-    assert manifest["command"].endswith("--clip-vision resnet")
+    assert "--clip-vision" not in manifest["command"]
+    build_world(tmp_path / "vit", scale="toy", seed=0, stages=("clip",), clip_vision="vit")
+    vit = json.loads((tmp_path / "vit" / "manifest.json").read_text())
+    assert vit["command"].endswith("--clip-vision vit")
+    assert isinstance(
+        json.loads((tmp_path / "vit" / "clip" / "open_clip_config.json").read_text())["vision_cfg"][
+            "layers"
+        ],
+        int,
+    )
     clip = out / "clip"
     assert isinstance(
         json.loads((clip / "open_clip_config.json").read_text())["vision_cfg"]["layers"], list
