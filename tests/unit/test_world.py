@@ -271,3 +271,13 @@ def test_world_clip_with_a_resnet_image_tower_trains_loads_and_freezes(tmp_path,
     assert frozen(v)
     with pytest.raises(ValueError, match="clip_vision"):
         build_world(tmp_path / "bad", scale="toy", stages=("clip",), clip_vision="convnext")
+
+
+def test_reward_judge_auc_counts_pairs_and_half_ties():
+    from bench.world_reward_judge import auc
+
+    labels = torch.tensor([True, True, False, False])
+    assert auc(torch.tensor([0.9, 0.8, 0.1, 0.2]), labels) == 1.0
+    assert auc(torch.tensor([0.1, 0.2, 0.9, 0.8]), labels) == 0.0
+    assert auc(torch.tensor([0.5, 0.9, 0.5, 0.1]), labels) == 0.875  # 3 wins + 1 tie of 4
+    assert auc(torch.tensor([0.5, 0.5]), torch.tensor([True, True])) is None
