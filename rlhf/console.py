@@ -19,11 +19,24 @@ VERBOSE_ENV = "RLHF_VERBOSE"
 OURS = ("rlhf", "rewards", "actors", "bench")
 # Loggers with their own handlers (they do not reach the root logger's level) that talk at
 # import time: "Setting accelerator to CPU", "No CUDA runtime is found", MLflow's DB set-up.
-_CHATTY = ("DeepSpeed", "torch.utils.cpp_extension", "mlflow", "ray", "transformers", "diffusers")
+# "ray.train" configures its own logger, so the "ray" entry does not reach it: its workers log
+# "Checkpoint successfully created at: ..." on every report with a checkpoint.
+_CHATTY = (
+    "DeepSpeed",
+    "torch.utils.cpp_extension",
+    "mlflow",
+    "ray",
+    "ray.train",
+    "transformers",
+    "diffusers",
+)
 _QUIET_ENV = {
     "MLFLOW_LOGGING_LEVEL": "WARNING",
     "TRANSFORMERS_VERBOSITY": "error",
     "DIFFUSERS_VERBOSITY": "error",
+    # Per-file bars of model loading (transformers, diffusers) and MLflow artifact downloads.
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 
 
@@ -85,6 +98,23 @@ def library_prints():
         return
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
         yield
+
+
+@contextlib.contextmanager
+def mlflow_events():
+    """Hide MLflow's event lines (``eprint``: "Registered model 'x' already exists. Creating a
+    new version of this model...") unless ``-v``; its errors still raise."""
+    if os.environ.get(VERBOSE_ENV) == "1":
+        yield
+        return
+    from mlflow.utils.logging_utils import MLFLOW_LOGGING_STREAM
+
+    was = MLFLOW_LOGGING_STREAM.enabled
+    MLFLOW_LOGGING_STREAM.enabled = False
+    try:
+        yield
+    finally:
+        MLFLOW_LOGGING_STREAM.enabled = was
 
 
 def ray_runtime_env(verbose: bool) -> dict:

@@ -11,6 +11,8 @@ import logging
 import os
 from pathlib import Path
 
+from rlhf import console
+
 log = logging.getLogger(__name__)
 
 EMBEDDED_DB = "mlflow.db"
@@ -76,7 +78,8 @@ def register_folder(
         mlflow.finalize_logged_model(lm.model_id, "FAILED")
         raise
     mlflow.finalize_logged_model(lm.model_id, "READY")
-    mv = mlflow.register_model(f"models:/{lm.model_id}", name)
+    with console.mlflow_events():
+        mv = mlflow.register_model(f"models:/{lm.model_id}", name)
     for alias in aliases:
         client.set_registered_model_alias(name, alias, mv.version)
     return int(mv.version)

@@ -175,8 +175,29 @@ def test_normal_run_hides_library_chatter_but_not_ours(restore_console, caplog):
     assert "chatter" not in caplog.text and "CUDA" not in caplog.text
     assert "accelerator" not in caplog.text
     assert "triplet file has 3 bad rows" in caplog.text
+    # Ray Train sets "ray.train" to INFO in its workers, where each checkpoint is logged
+    # ("Checkpoint successfully created at: ...") by a child of it; setup() runs after that.
+    logging.getLogger("ray.train").setLevel(logging.INFO)
+    console.setup(False)
+    storage = logging.getLogger("ray.train.v2._internal.execution.storage")
+    assert not storage.isEnabledFor(logging.INFO) and storage.isEnabledFor(logging.ERROR)
     assert os.environ["MLFLOW_LOGGING_LEVEL"] == "WARNING"
     assert console.ray_runtime_env(False)["worker_process_setup_hook"] == "rlhf.console.setup"
+
+
+def test_mlflow_event_lines_show_with_verbose_only(restore_console, capsys, monkeypatch):
+    from mlflow.utils.logging_utils import eprint
+
+    console.setup(False)
+    with console.mlflow_events():
+        eprint("Registered model 'p' already exists. Creating a new version of this model...")
+    assert "already exists" not in capsys.readouterr().err
+    eprint("outside")  # the stream is enabled again afterwards
+    assert "outside" in capsys.readouterr().err
+    monkeypatch.setenv(console.VERBOSE_ENV, "1")
+    with console.mlflow_events():
+        eprint("with -v")
+    assert "with -v" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- help
