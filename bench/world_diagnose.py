@@ -82,18 +82,24 @@ def caption_swap_loss(pipe, n: int = 192, times=(0.5, 0.7, 0.85, 0.95)) -> dict:
     out = {}
     for t in times:
         xt = (1 - t) * z + t * noise
-        row = {}
-        for name, (embeds, pooled) in cond.items():
-            with torch.no_grad():
-                v = pipe.transformer(
-                    hidden_states=xt,
-                    timestep=torch.full((n,), t * 1000),
-                    encoder_hidden_states=embeds,
-                    pooled_projections=pooled,
-                ).sample
-            row[name] = round(float((v - (noise - z)).pow(2).mean()), 4)
-        out[str(t)] = row
+        out[str(t)] = {
+            name: round(float((velocity(pipe, xt, t, e, p) - (noise - z)).pow(2).mean()), 4)
+            for name, (e, p) in cond.items()
+        }
     return out
+
+
+def velocity(pipe, xt, t: float, embeds, pooled):
+    """``pipe.transformer``'s flow-matching velocity at ``xt`` (noised to ``t``), no grad."""
+    import torch
+
+    with torch.no_grad():
+        return pipe.transformer(
+            hidden_states=xt,
+            timestep=torch.full((len(xt),), t * 1000),
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+        ).sample
 
 
 def judge_latents(vae, judge, specs, latents) -> float:
@@ -117,14 +123,7 @@ def one_step_x0(pipe, judge, specs, z, g, times=TIMES) -> dict:
     out = {}
     for t in times:
         xt = (1 - t) * z + t * torch.randn(z.shape, generator=g)
-        with torch.no_grad():
-            v = pipe.transformer(
-                hidden_states=xt,
-                timestep=torch.full((len(z),), t * 1000),
-                encoder_hidden_states=embeds,
-                pooled_projections=pooled,
-            ).sample
-        x0 = xt - t * v
+        x0 = xt - t * velocity(pipe, xt, t, embeds, pooled)
         out[str(t)] = {
             "geneval_mini": judge_latents(pipe.vae, judge, specs, x0),
             "latent_mse": float((x0 - z).pow(2).mean()),

@@ -27,18 +27,30 @@ from bench.common import emit
 WORLD = {"backbone": "world"}
 
 
+def reward_specs(rewards_dir: Path) -> dict[str, dict]:
+    """The table's single rewards as specs: the world CLIP score and the trained pairwise
+    baseline, ICT and HP saved in ``rewards_dir`` (``bench.reward_accuracy --save``)."""
+    return {
+        "clip": {"name": "clip", "options": WORLD},
+        **{k: {"name": k, "checkpoint": str(rewards_dir / k)} for k in ("pickscore", "ict", "hp")},
+    }
+
+
 def rows(rewards_dir: Path) -> dict[str, list[dict]]:
-    ck = {k: str(rewards_dir / k) for k in ("pickscore", "ict", "hp")}
+    r = reward_specs(rewards_dir)
     return {
         "base": [],
-        "+CLIP score": [{"name": "clip", "options": WORLD}],
-        "+pairwise (PickScore recipe)": [{"name": "pickscore", "checkpoint": ck["pickscore"]}],
-        "+ICT": [{"name": "ict", "checkpoint": ck["ict"]}],
-        "+HP": [{"name": "hp", "checkpoint": ck["hp"]}],
+        "+CLIP score": [r["clip"]],
+        "+pairwise (PickScore recipe)": [r["pickscore"]],
+        "+ICT": [r["ict"]],
+        "+HP": [r["hp"]],
         "+ICT-HP": [
             {
                 "name": "ict_hp",
-                "options": {"ict": {"checkpoint": ck["ict"]}, "hp": {"checkpoint": ck["hp"]}},
+                "options": {
+                    "ict": {"checkpoint": r["ict"]["checkpoint"]},
+                    "hp": {"checkpoint": r["hp"]["checkpoint"]},
+                },
             }
         ],
     }
@@ -60,10 +72,8 @@ def run(
 
     torch.set_num_threads(1)
     rdir = Path(rewards_dir)
-    scorers = {
-        "hp": build_reward({"name": "hp", "checkpoint": str(rdir / "hp")}),
-        "clip": build_reward({"name": "clip", "options": WORLD}),
-    }
+    specs = reward_specs(rdir)
+    scorers = {k: build_reward(specs[k]) for k in ("hp", "clip")}
     results, pictures = {}, []
     for label, rewards in rows(rdir).items():
         if short and label not in ("base", "+ICT"):

@@ -34,6 +34,7 @@ def auc(scores, labels) -> float | None:
 def run(rewards_dir: str, prompts: int) -> dict:
     import torch
 
+    from bench.world_finetune import reward_specs
     from rewards import world
     from rewards.registry import build_reward
     from rewards.world.judge import Judge
@@ -41,7 +42,6 @@ def run(rewards_dir: str, prompts: int) -> dict:
     from rlhf.world.sampling import eval_specs, load_world_generator, sample_world
 
     torch.set_num_threads(1)
-    rdir = Path(rewards_dir)
     specs = eval_specs(prompts)
     texts = [s.prompt() for s in specs]
     gen = load_world_generator(world.SD3_DIR)
@@ -52,12 +52,6 @@ def run(rewards_dir: str, prompts: int) -> dict:
     judge = Judge.load(world.JUDGE_DIR)
     met_a = torch.tensor(judge.score(specs, a)["per_image"], dtype=torch.bool)
     met_b = torch.tensor(judge.score(specs, b)["per_image"], dtype=torch.bool)
-    rewards = {
-        "clip": {"name": "clip", "options": {"backbone": "world"}},
-        "pickscore": {"name": "pickscore", "checkpoint": str(rdir / "pickscore")},
-        "ict": {"name": "ict", "checkpoint": str(rdir / "ict")},
-        "hp": {"name": "hp", "checkpoint": str(rdir / "hp")},
-    }
     images = torch.cat([a, b])
     labels = torch.cat([met_a, met_b])
     one_met = met_a ^ met_b
@@ -69,21 +63,20 @@ def run(rewards_dir: str, prompts: int) -> dict:
         "rewards": {},
     }
     categories = [s.category for s in specs] * 2
-    for name, spec in rewards.items():
+    in_category = {c: torch.tensor([x == c for x in categories]) for c in dict.fromkeys(categories)}
+    both_texts = texts * 2
+    for name, spec in reward_specs(Path(rewards_dir)).items():
         model = build_reward(spec).eval()
         with torch.no_grad():
             scores = torch.cat(
                 [
-                    model(images[i : i + 64], (texts * 2)[i : i + 64])
+                    model(images[i : i + 64], both_texts[i : i + 64])
                     for i in range(0, 2 * prompts, 64)
                 ]
             ).float()
         sa, sb = scores[:prompts], scores[prompts:]
         pick = torch.where(met_a, sa > sb, sb > sa)[one_met]
-        per_cat = {}
-        for cat in dict.fromkeys(categories):
-            m = torch.tensor([c == cat for c in categories])
-            per_cat[cat] = auc(scores[m], labels[m])
+        per_cat = {c: auc(scores[m], labels[m]) for c, m in in_category.items()}
         out["rewards"][name] = {
             "auc": auc(scores, labels),
             "auc_by_category": per_cat,
