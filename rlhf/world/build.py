@@ -24,6 +24,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -50,7 +51,7 @@ class Recipe:
     sd3_images: int = 12000
     vae_steps: int = 2500
     vae_batch: int = 16
-    sd3_steps: int = 8000
+    sd3_steps: int = 6000
     sd3_batch: int = 32
     # The SD3's loss counts object pixels 1 + sd3_object_weight times (rlhf.world.sd3.latent_weights).
     sd3_object_weight: float = 4.0
@@ -131,9 +132,10 @@ def build_world(
     """Build the ``stages`` into ``out`` (see the module docstring); returns the report and
     the manifest. ``threads``: torch threads per process (one by default: two OpenMP threads
     on two cores stall badly whenever anything else runs there; None leaves torch's setting).
-    ``jobs=2`` trains the CLIP in a second process while this one trains the judge and VAE
-    (they do not depend on it); the SD3 waits for both. ``clip_vision``: the CLIP's image
-    tower, ``vit`` or ``resnet`` (None: the recipe's)."""
+    ``jobs=2`` trains the CLIP and then the judge in a second process while this one trains
+    the VAE (neither depends on the CLIP); the SD3 waits for both and, alone on the machine
+    then, trains with ``threads * jobs`` threads. ``clip_vision``: the CLIP's image tower,
+    ``vit`` or ``resnet`` (None: the recipe's)."""
     from rlhf.world.stages import world_report
 
     if threads:
@@ -168,32 +170,55 @@ def _train_stages(
     timings: dict[str, float] = {}
     clip_dir, vae_dir, sd3_dir = out / "clip", out / "vae", out / "sd3"
 
+    side_stages = tuple(
+        st for st in ("clip", "judge") if st in stages and not _done(out / st)
+    )
     side = None
-    if "clip" in stages and not _done(clip_dir):
-        if jobs > 1:
-            import multiprocessing as mp
+    if jobs > 1 and side_stages:
+        # The CLIP (the longest stage but the SD3) and then the judge in a second process,
+        # beside the VAE here: by idle-machine stage times the two sides end close together.
+        import multiprocessing as mp
 
-            side = mp.get_context("spawn").Process(
-                target=build_world,
-                args=(out, scale, seed, ("clip",), threads, 1, recipe.clip_vision),
-            )
-            side.start()
-        else:
-            _stage(out, "clip", lambda d: train_world_clip(d, recipe, seed, scale), timings)
-    if "judge" in stages and not _done(out / "judge"):
+        side = mp.get_context("spawn").Process(
+            target=build_world,
+            args=(out, scale, seed, side_stages, threads, 1, recipe.clip_vision),
+        )
+        side.start()
+    elif "clip" in side_stages:
+        _stage(out, "clip", lambda d: train_world_clip(d, recipe, seed, scale), timings)
+    if side is None and "judge" in side_stages:
         _stage(out, "judge", lambda d: train_world_judge(d, recipe, seed), timings)
     if ("vae" in stages or "sd3" in stages) and not (_done(vae_dir) or _done(sd3_dir)):
         _stage(out, "vae", lambda d: train_world_vae(d, recipe, seed, scale), timings)
     if side is not None:
         side.join()
-        if side.exitcode != 0 or not _done(clip_dir):
-            raise RuntimeError(f"the clip stage failed in its process (exit {side.exitcode})")
+        failed = [st for st in side_stages if not _done(out / st)]
+        if side.exitcode != 0 or failed:
+            raise RuntimeError(
+                f"the {', '.join(failed) or 'side'} stage failed in its process "
+                f"(exit {side.exitcode})"
+            )
     if "sd3" in stages and not _done(sd3_dir):
-        _stage(out, "sd3", lambda d: train_world_sd3(d, out, recipe, seed, scale), timings)
+        # Alone on the machine now: every process's threads (two threads train it 1.6x faster
+        # than one on two idle cores; BENCHMARKS.md section 0).
+        with _torch_threads(threads * jobs if threads else None):
+            _stage(out, "sd3", lambda d: train_world_sd3(d, out, recipe, seed, scale), timings)
         shutil.rmtree(vae_dir)  # the diffusers folder holds its own copy
     if "ict" in stages and not _done(out / "ict"):
         _stage(out, "ict", lambda d: train_world_ict(out, d, recipe, seed), timings)
     return timings
+
+
+@contextmanager
+def _torch_threads(n: int | None):
+    """torch's intra-op threads set to ``n`` inside the block (None: unchanged)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _recipe(scale: str, clip_vision: str | None) -> Recipe:

@@ -159,6 +159,21 @@ def _encode(pipe, prompts: list[str], max_sequence_length: int):
     return embeds, pooled
 
 
+@torch.no_grad()
+def _encode_captions(pipe, captions: list[str], max_sequence_length: int, batch: int = 256):
+    """Embeddings of the distinct ``captions`` ``(U, seq, dim)``, pooled ``(U, dim)``, and each
+    caption's row ``(N,)``."""
+    distinct = list(dict.fromkeys(captions))
+    row = {c: i for i, c in enumerate(distinct)}
+    parts = [
+        _encode(pipe, distinct[i : i + batch], max_sequence_length)
+        for i in range(0, len(distinct), batch)
+    ]
+    embeds = torch.cat([e for e, _ in parts])
+    pooled = torch.cat([p for _, p in parts])
+    return embeds, pooled, torch.tensor([row[c] for c in captions])
+
+
 def train_transformer(
     pipe,
     latents: torch.Tensor,
@@ -184,12 +199,14 @@ def train_transformer(
     sched = _cosine(opt, steps)
     gen = torch.Generator().manual_seed(seed)
     empty_e, empty_p = _encode(pipe, [""], max_sequence_length)
+    # The text encoders are frozen: each distinct caption is encoded once, not once a step.
+    cap_e, cap_p, cap_of = _encode_captions(pipe, captions, max_sequence_length)
     losses = []
     bar = tqdm(range(steps), desc="world-sd3", disable=not progress, mininterval=5)
     for _ in bar:
         idx = torch.randint(0, len(latents), (batch_size,), generator=gen)
         x0 = latents[idx]
-        e, p = _encode(pipe, [captions[i] for i in idx.tolist()], max_sequence_length)
+        e, p = cap_e[cap_of[idx]], cap_p[cap_of[idx]]
         drop = torch.rand(batch_size, generator=gen) < drop_caption
         e = torch.where(drop[:, None, None], empty_e, e)
         p = torch.where(drop[:, None], empty_p, p)
