@@ -6,7 +6,10 @@ judge's verdict per image (BENCHMARKS.md, section 0).
 
 Writes the first ``--n`` samples as a grid (``--grid``) and a text file beside it with the
 prompts in grid order and the judge's verdict; reports GenEval-mini on ``--prompts`` held-out
-prompts (``rlhf.world.sampling.eval_specs``, the six categories in turn, seeds 0, 1, ...).
+prompts (``rlhf.world.sampling.eval_specs``, the six categories in turn, seeds 0, 1, ...),
+and its chance level: the same images judged against another prompt of their category (the
+prompt list rolled by one round of categories), how often an image meets a prompt it was not
+drawn for.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ def run(world: str | None, n: int, prompts: int, steps: int, guidance: float, gr
 
     from rewards import world as W
     from rewards.world.judge import Judge
+    from rewards.world.scenes import CATEGORIES
     from rlhf.image_stats import grid, to_uint8
     from rlhf.world.build import Recipe
     from rlhf.world.sampling import eval_specs, sample_world
@@ -38,6 +42,10 @@ def run(world: str | None, n: int, prompts: int, steps: int, guidance: float, gr
     seconds = time.perf_counter() - t
     score = judge.score(specs, images)
     verdicts = score.pop("per_image")
+    rolled = specs[len(CATEGORIES) :] + specs[: len(CATEGORIES)]
+    assert all(a.category == b.category for a, b in zip(specs, rolled))
+    chance = judge.score(rolled, images)
+    chance.pop("per_image")
     if grid_path:
         from PIL import Image
 
@@ -52,6 +60,7 @@ def run(world: str | None, n: int, prompts: int, steps: int, guidance: float, gr
         "sample_steps": steps,
         "guidance": guidance,
         "geneval_mini": score,
+        "geneval_mini_chance": chance,
         "sampling_seconds": round(seconds, 2),
     }
 

@@ -90,7 +90,9 @@ def file_table(root: Path) -> dict[str, dict]:
     return {
         str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != "manifest.json" and not p.name.startswith(".")
+        if p.is_file()
+        and p.name != "manifest.json"
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
     }
 
 

@@ -89,6 +89,7 @@ def train_world_sd3(folder: Path, out: Path, recipe: Recipe, seed: int, scale: s
     text_encoder = C.hf_text_encoder(model, tok)
     images, captions, cover = _sd3_data(recipe.sd3_images, seed, masks=True)
     vae = AutoencoderKL.from_pretrained(str(out / "vae")).eval().requires_grad_(False)
+    vae.register_to_config(_name_or_path="vae")  # not the build's scratch path, into the config
     latents = W.encode_latents(vae, images)
     transformer = W.new_transformer(text_encoder, scale, seed, recipe.sd3_patch)
     pipe = W.build_pipeline(vae, transformer, text_encoder, tok)
