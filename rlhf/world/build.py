@@ -37,8 +37,8 @@ STAGES = ("clip", "judge", "vae", "sd3", "ict", "report")
 
 @dataclass
 class Recipe:
-    """Sizes and steps of every stage; ``full`` takes about 47 min on 2 idle cores by the
-    stage seconds in BENCHMARKS.md section 0 (the issue asks for 30)."""
+    """Sizes and steps of every stage; ``full`` with ``--jobs 2`` took 28 min 48 s on 2 idle
+    cores (BENCHMARKS.md section 0; the issue asks for at most 30)."""
 
     clip_pairs: int = 20000
     clip_steps: int = 2400
