@@ -29,7 +29,8 @@ def _probe_steps(pipe, latents, captions, batch: int, seconds: float, lr: float)
     probe = copy.copy(pipe)
     probe.transformer = copy.deepcopy(pipe.transformer)
     t = time.perf_counter()
-    W.train_transformer(probe, latents, captions, 10, batch, lr=lr, progress=False)
+    n = 2 * batch  # a few captions: encoding every distinct caption would count in the probe
+    W.train_transformer(probe, latents[:n], captions[:n], 10, batch, lr=lr, progress=False)
     per_step = (time.perf_counter() - t) / 10
     return max(10, int(seconds / per_step)), per_step
 
@@ -62,12 +63,15 @@ def run(
     lr: float,
     patch: int = 2,
     object_weight: float = 0.0,
+    steps: int | None = None,
+    t_mean: float = 0.0,
 ) -> dict:
     import torch
     from diffusers import SD3Transformer2DModel
 
     from rewards import world
     from rewards.world.judge import Judge
+    from rewards.world.scenes import CATEGORIES
     from rlhf.world import sd3 as W
     from rlhf.world.build import Recipe
     from rlhf.world.sampling import eval_specs, load_world_generator, sample_world
@@ -86,10 +90,20 @@ def run(
     latents = W.encode_latents(gen.vae, renders)
     weights = W.latent_weights(cover, object_weight) if object_weight else None
     data_s = time.perf_counter() - t0
-    steps, per_step = _probe_steps(gen.pipe, latents, captions, recipe.sd3_batch, seconds, lr)
+    per_step = None
+    if steps is None:
+        steps, per_step = _probe_steps(gen.pipe, latents, captions, recipe.sd3_batch, seconds, lr)
     t0 = time.perf_counter()
     losses = W.train_transformer(
-        gen.pipe, latents, captions, steps, recipe.sd3_batch, lr=lr, progress=False, weights=weights
+        gen.pipe,
+        latents,
+        captions,
+        steps,
+        recipe.sd3_batch,
+        lr=lr,
+        progress=False,
+        weights=weights,
+        t_mean=t_mean,
     )
     train_s = time.perf_counter() - t0
     judge = Judge.load(world.JUDGE_DIR)
@@ -97,19 +111,25 @@ def run(
     samples = sample_world(None, [s.prompt() for s in specs], recipe, gen=gen)
     score = judge.score(specs, samples)
     score.pop("per_image", None)
+    # Chance: each image against the next prompt of its category (bench.world_samples).
+    k = len(CATEGORIES)
+    chance = judge.score(specs[k:] + specs[:k], samples)
+    chance.pop("per_image", None)
     return {
         "layers": layers,
         "heads": heads,
         "width": 32 * heads,
         "patch": patch,
         "object_weight": object_weight,
+        "t_mean": t_mean,
         "params": params,
         "steps": steps,
-        "step_s": per_step,
+        "step_s": per_step or train_s / steps,
         "train_s": train_s,
         "data_s": data_s,
         "final_loss": float(sum(losses[-200:]) / len(losses[-200:])),
         "geneval_mini": score,
+        "geneval_mini_chance": chance,
         "x0_geneval_mini": _x0_scores(gen, judge, prompts),
         "threads": torch.get_num_threads(),
     }
@@ -127,9 +147,24 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--object-weight", type=float, default=0.0, help="loss weight on object pixels (+1)"
     )
+    ap.add_argument("--steps", type=int, default=None, help="train this many steps (not --seconds)")
+    ap.add_argument(
+        "--t-mean", type=float, default=0.0, help="mean of the logit-normal timesteps (0: SD3's)"
+    )
     ap.add_argument("--out")
     a = ap.parse_args(argv)
-    r = run(a.layers, a.heads, a.seconds, a.images, a.prompts, a.lr, a.patch, a.object_weight)
+    r = run(
+        a.layers,
+        a.heads,
+        a.seconds,
+        a.images,
+        a.prompts,
+        a.lr,
+        a.patch,
+        a.object_weight,
+        a.steps,
+        a.t_mean,
+    )
     return emit(r, a.out)
 
 

@@ -170,11 +170,9 @@ def _train_stages(
     )
 
     timings: dict[str, float] = {}
-    clip_dir, vae_dir, sd3_dir = out / "clip", out / "vae", out / "sd3"
+    vae_dir, sd3_dir = out / "vae", out / "sd3"
 
-    side_stages = tuple(
-        st for st in ("clip", "judge") if st in stages and not _done(out / st)
-    )
+    side_stages = tuple(st for st in ("clip", "judge") if st in stages and not _done(out / st))
     side = None
     if jobs > 1 and side_stages:
         # The CLIP (the longest stage but the SD3) and then the judge in a second process,

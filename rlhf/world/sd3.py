@@ -186,10 +186,13 @@ def train_transformer(
     seed: int = 0,
     progress: bool = True,
     weights: torch.Tensor | None = None,
+    t_mean: float = 0.0,
 ):
     """Flow-matching pretraining of ``pipe.transformer`` on scaled ``latents (N, 4, 16, 16)``
     and their ``captions`` (see the module docstring); ``weights (N, 1, 16, 16)`` weigh each
-    latent pixel's squared error (:func:`latent_weights`). Returns the per-step losses."""
+    latent pixel's squared error (:func:`latent_weights`); timesteps are logit-normal with mean
+    ``t_mean`` (above 0: more of them noisy, where layout and shape are decided). Returns the
+    per-step losses."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
@@ -210,7 +213,7 @@ def train_transformer(
         drop = torch.rand(batch_size, generator=gen) < drop_caption
         e = torch.where(drop[:, None, None], empty_e, e)
         p = torch.where(drop[:, None], empty_p, p)
-        t = torch.sigmoid(torch.randn(batch_size, generator=gen))  # logit-normal(0, 1)
+        t = torch.sigmoid(t_mean + torch.randn(batch_size, generator=gen))  # logit-normal
         noise = torch.randn(x0.shape, generator=gen)
         xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
         v = model(
