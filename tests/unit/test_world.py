@@ -178,6 +178,40 @@ def test_shipped_clip_and_judge_read_renders():
     assert (own > other).float().mean() >= 0.85
 
 
+def test_two_process_build_trains_the_same_clip_judge_and_vae_as_one(tmp_path, one_torch_thread):
+    from safetensors.torch import load_file
+
+    from rlhf.world.build import build_world
+
+    stages = ("clip", "judge", "vae")
+    build_world(tmp_path / "one", scale="toy", seed=0, stages=stages, jobs=1)
+    build_world(tmp_path / "two", scale="toy", seed=0, stages=stages, jobs=2)
+    for name in (
+        "clip/open_clip.safetensors",
+        "judge/judge.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    ):
+        a, b = load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    seconds = json.loads((tmp_path / "two" / "manifest.json").read_text())["seconds"]
+    assert set(seconds) == set(stages)  # the side process's stages are on the books too
+
+
+@shipped
+def test_sd3_pretraining_encodes_each_distinct_caption_once_and_alike():
+    from rlhf.world import sd3 as W
+    from rlhf.world.sampling import load_world_generator
+
+    pipe = load_world_generator(world.SD3_DIR).pipe
+    captions = ["a red circle", "two squares", "a red circle", "", "two squares", "a triangle"]
+    embeds, pooled, row = W._encode_captions(pipe, captions, 1, batch=2)
+    assert embeds.shape[0] == pooled.shape[0] == 4 and row.tolist() == [0, 1, 0, 2, 1, 3]
+    for i, caption in enumerate(captions):
+        e, p = W._encode(pipe, [caption], 1)
+        torch.testing.assert_close(embeds[row[i]], e[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(pooled[row[i]], p[0], rtol=0, atol=1e-5)
+
+
 def test_geneval_mini_is_refused_as_a_training_reward():
     from rlhf.config import load_config
     from rlhf.run_config import RunConfig
