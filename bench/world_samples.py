@@ -27,10 +27,9 @@ def run(world: str | None, n: int, prompts: int, steps: int, guidance: float, gr
 
     from rewards import world as W
     from rewards.world.judge import Judge
-    from rewards.world.scenes import CATEGORIES
     from rlhf.image_stats import grid, to_uint8
     from rlhf.world.build import Recipe
-    from rlhf.world.sampling import eval_specs, sample_world
+    from rlhf.world.sampling import chance_specs, eval_specs, sample_world
 
     torch.set_num_threads(1)
     root = Path(world) if world else W.ASSETS
@@ -42,9 +41,7 @@ def run(world: str | None, n: int, prompts: int, steps: int, guidance: float, gr
     seconds = time.perf_counter() - t
     score = judge.score(specs, images)
     verdicts = score.pop("per_image")
-    rolled = specs[len(CATEGORIES) :] + specs[: len(CATEGORIES)]
-    assert all(a.category == b.category for a, b in zip(specs, rolled))
-    chance = judge.score(rolled, images)
+    chance = judge.score(chance_specs(specs), images)
     chance.pop("per_image")
     if grid_path:
         from PIL import Image

@@ -71,10 +71,14 @@ def run(
 
     from rewards import world
     from rewards.world.judge import Judge
-    from rewards.world.scenes import CATEGORIES
     from rlhf.world import sd3 as W
     from rlhf.world.build import Recipe
-    from rlhf.world.sampling import eval_specs, load_world_generator, sample_world
+    from rlhf.world.sampling import (
+        chance_specs,
+        eval_specs,
+        load_world_generator,
+        sample_world,
+    )
     from rlhf.world.stages import _sd3_data
 
     recipe = Recipe()
@@ -111,9 +115,7 @@ def run(
     samples = sample_world(None, [s.prompt() for s in specs], recipe, gen=gen)
     score = judge.score(specs, samples)
     score.pop("per_image", None)
-    # Chance: each image against the next prompt of its category (bench.world_samples).
-    k = len(CATEGORIES)
-    chance = judge.score(specs[k:] + specs[:k], samples)
+    chance = judge.score(chance_specs(specs), samples)
     chance.pop("per_image", None)
     return {
         "layers": layers,

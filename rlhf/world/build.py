@@ -184,10 +184,11 @@ def _train_stages(
             args=(out, scale, seed, side_stages, threads, 1, recipe.clip_vision),
         )
         side.start()
-    elif "clip" in side_stages:
-        _stage(out, "clip", lambda d: train_world_clip(d, recipe, seed, scale), timings)
-    if side is None and "judge" in side_stages:
-        _stage(out, "judge", lambda d: train_world_judge(d, recipe, seed), timings)
+    else:
+        if "clip" in side_stages:
+            _stage(out, "clip", lambda d: train_world_clip(d, recipe, seed, scale), timings)
+        if "judge" in side_stages:
+            _stage(out, "judge", lambda d: train_world_judge(d, recipe, seed), timings)
     if ("vae" in stages or "sd3" in stages) and not (_done(vae_dir) or _done(sd3_dir)):
         _stage(out, "vae", lambda d: train_world_vae(d, recipe, seed, scale), timings)
     if side is not None:

@@ -21,6 +21,16 @@ def eval_specs(n: int, seed: int = 4242) -> list[S.Spec]:
     return [S.sample_spec(rng, S.CATEGORIES[i % len(S.CATEGORIES)]) for i in range(n)]
 
 
+def chance_specs(specs: list[S.Spec]) -> list[S.Spec]:
+    """GenEval-mini's chance level: :func:`eval_specs` rolled by one round of categories, so
+    each image is judged against another prompt of its own category, one it was not drawn for."""
+    k = len(S.CATEGORIES)
+    rolled = specs[k:] + specs[:k]
+    if any(a.category != b.category for a, b in zip(specs, rolled)):
+        raise ValueError("specs must cycle through the categories in turn (eval_specs)")
+    return rolled
+
+
 def world_sampler(steps: int, guidance: float):
     """The sampler settings every world experiment uses: 64 px, no T5 tokens."""
     from rlhf.sampler import SamplerConfig

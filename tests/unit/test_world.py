@@ -178,6 +178,17 @@ def test_shipped_clip_and_judge_read_renders():
     assert (own > other).float().mean() >= 0.85
 
 
+def test_chance_specs_pair_each_prompt_with_another_of_its_category():
+    from rlhf.world.sampling import chance_specs, eval_specs
+
+    specs = eval_specs(24)
+    rolled = chance_specs(specs)
+    assert [s.category for s in rolled] == [s.category for s in specs]
+    assert rolled[0] is specs[len(S.CATEGORIES)] and rolled[-1] is specs[len(S.CATEGORIES) - 1]
+    with pytest.raises(ValueError, match="cycle through the categories"):
+        chance_specs(specs[1:])
+
+
 def test_two_process_build_trains_the_same_clip_judge_and_vae_as_one(tmp_path, one_torch_thread):
     from safetensors.torch import load_file
 
