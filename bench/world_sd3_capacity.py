@@ -65,6 +65,7 @@ def run(
     object_weight: float = 0.0,
     steps: int | None = None,
     t_mean: float = 0.0,
+    text_lr: float = 0.0,
 ) -> dict:
     import torch
     from diffusers import SD3Transformer2DModel
@@ -108,6 +109,7 @@ def run(
         progress=False,
         weights=weights,
         t_mean=t_mean,
+        text_lr=text_lr,
     )
     train_s = time.perf_counter() - t0
     judge = Judge.load(world.JUDGE_DIR)
@@ -124,6 +126,7 @@ def run(
         "patch": patch,
         "object_weight": object_weight,
         "t_mean": t_mean,
+        "text_lr": text_lr,
         "params": params,
         "steps": steps,
         "step_s": per_step or train_s / steps,
@@ -153,6 +156,9 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--t-mean", type=float, default=0.0, help="mean of the logit-normal timesteps (0: SD3's)"
     )
+    ap.add_argument(
+        "--text-lr", type=float, default=0.0, help="train the text encoders too, at this lr"
+    )
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     r = run(
@@ -166,6 +172,7 @@ def main(argv=None) -> int:
         a.object_weight,
         a.steps,
         a.t_mean,
+        a.text_lr,
     )
     return emit(r, a.out)
 

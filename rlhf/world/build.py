@@ -53,6 +53,10 @@ class Recipe:
     vae_batch: int = 16
     sd3_steps: int = 6000
     sd3_batch: int = 32
+    # Above 0, the SD3's two text encoders train with it at this learning rate; 0 (shipped)
+    # keeps them the frozen CLIP text tower. 1e-3 did not help in a full build (BENCHMARKS.md
+    # section 0: GenEval-mini 0.217 against a chance level of 0.179).
+    sd3_text_lr: float = 0.0
     # The SD3's loss counts object pixels 1 + sd3_object_weight times (rlhf.world.sd3.latent_weights).
     sd3_object_weight: float = 4.0
     sd3_patch: int = 2

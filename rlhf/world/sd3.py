@@ -159,6 +159,32 @@ def _encode(pipe, prompts: list[str], max_sequence_length: int):
     return embeds, pooled
 
 
+def _tokenize(pipe, captions: list[str]) -> torch.Tensor:
+    """The pipeline's CLIP token ids of ``captions`` ``(N, tokenizer_max_length)``."""
+    return pipe.tokenizer(
+        captions,
+        padding="max_length",
+        max_length=pipe.tokenizer_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def text_states(pipe, ids: torch.Tensor, max_sequence_length: int = 1):
+    """``pipe.encode_prompt``'s embeddings and pooled embeddings of token ``ids`` (no T5: its
+    slot is zeros), computed with gradients so the text encoders can train with the SD3."""
+    states, pooled = [], []
+    for enc in (pipe.text_encoder, pipe.text_encoder_2):
+        out = enc(ids, output_hidden_states=True)
+        pooled.append(out[0])
+        states.append(out.hidden_states[-2])
+    e = torch.cat(states, dim=-1)
+    dim = pipe.transformer.config.joint_attention_dim
+    e = F.pad(e, (0, dim - e.shape[-1]))
+    t5 = torch.zeros(len(ids), max_sequence_length, dim, dtype=e.dtype)
+    return torch.cat([e, t5], dim=-2), torch.cat(pooled, dim=-1)
+
+
 @torch.no_grad()
 def _encode_captions(pipe, captions: list[str], max_sequence_length: int, batch: int = 256):
     """Embeddings of the distinct ``captions`` ``(U, seq, dim)``, pooled ``(U, dim)``, and each
@@ -187,32 +213,51 @@ def train_transformer(
     progress: bool = True,
     weights: torch.Tensor | None = None,
     t_mean: float = 0.0,
+    text_lr: float = 0.0,
 ):
     """Flow-matching pretraining of ``pipe.transformer`` on scaled ``latents (N, 4, 16, 16)``
     and their ``captions`` (see the module docstring); ``weights (N, 1, 16, 16)`` weigh each
     latent pixel's squared error (:func:`latent_weights`); timesteps are logit-normal with mean
-    ``t_mean`` (above 0: more of them noisy, where layout and shape are decided). Returns the
-    per-step losses."""
+    ``t_mean`` (above 0: more of them noisy, where layout and shape are decided). With
+    ``text_lr`` above 0 the two text encoders train too, at that learning rate (each starts as
+    the world CLIP's text tower; frozen, it separates shape and number words too little for the
+    transformer to follow them). Returns the per-step losses."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
     model = pipe.transformer
     model.train().requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    groups = [{"params": list(model.parameters()), "lr": lr}]
+    encoders = (pipe.text_encoder, pipe.text_encoder_2)
+    if text_lr > 0:
+        for enc in encoders:
+            enc.train().requires_grad_(True)
+        groups.append({"params": [p for e in encoders for p in e.parameters()], "lr": text_lr})
+        distinct = list(dict.fromkeys(captions))
+        cap_ids = _tokenize(pipe, distinct + [""])
+        row = {c: i for i, c in enumerate(distinct)}
+        cap_of = torch.tensor([row[c] for c in captions])
+        empty_row = len(distinct)
+    else:
+        empty_e, empty_p = _encode(pipe, [""], max_sequence_length)
+        # The text encoders are frozen: each distinct caption is encoded once, not once a step.
+        cap_e, cap_p, cap_of = _encode_captions(pipe, captions, max_sequence_length)
+    opt = torch.optim.AdamW(groups, weight_decay=0.0, betas=(0.9, 0.99))
     sched = _cosine(opt, steps)
     gen = torch.Generator().manual_seed(seed)
-    empty_e, empty_p = _encode(pipe, [""], max_sequence_length)
-    # The text encoders are frozen: each distinct caption is encoded once, not once a step.
-    cap_e, cap_p, cap_of = _encode_captions(pipe, captions, max_sequence_length)
     losses = []
     bar = tqdm(range(steps), desc="world-sd3", disable=not progress, mininterval=5)
     for _ in bar:
         idx = torch.randint(0, len(latents), (batch_size,), generator=gen)
         x0 = latents[idx]
-        e, p = cap_e[cap_of[idx]], cap_p[cap_of[idx]]
         drop = torch.rand(batch_size, generator=gen) < drop_caption
-        e = torch.where(drop[:, None, None], empty_e, e)
-        p = torch.where(drop[:, None], empty_p, p)
+        if text_lr > 0:
+            rows = torch.where(drop, empty_row, cap_of[idx])
+            e, p = text_states(pipe, cap_ids[rows], max_sequence_length)
+        else:
+            e, p = cap_e[cap_of[idx]], cap_p[cap_of[idx]]
+            e = torch.where(drop[:, None, None], empty_e, e)
+            p = torch.where(drop[:, None], empty_p, p)
         t = torch.sigmoid(t_mean + torch.randn(batch_size, generator=gen))  # logit-normal
         noise = torch.randn(x0.shape, generator=gen)
         xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
@@ -223,12 +268,14 @@ def train_transformer(
         loss = (err * weights[idx]).mean() if weights is not None else err.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([q for g in groups for q in g["params"]], 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", refresh=False)
     model.eval().requires_grad_(False)
+    for enc in encoders:
+        enc.eval().requires_grad_(False)
     return losses
 
 

@@ -102,6 +102,7 @@ def train_world_sd3(folder: Path, out: Path, recipe: Recipe, seed: int, scale: s
         seed=seed,
         progress=True,
         weights=W.latent_weights(cover, recipe.sd3_object_weight),
+        text_lr=recipe.sd3_text_lr,
     )
     W.save_pipeline(pipe, folder)
 

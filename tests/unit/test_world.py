@@ -223,6 +223,29 @@ def test_sd3_pretraining_encodes_each_distinct_caption_once_and_alike():
         torch.testing.assert_close(pooled[row[i]], p[0], rtol=0, atol=1e-5)
 
 
+@shipped
+def test_sd3_text_states_with_gradients_equal_the_pipelines_encoding_and_train(one_torch_thread):
+    from rlhf.world import sd3 as W
+    from rlhf.world.sampling import load_world_generator
+
+    pipe = load_world_generator(world.SD3_DIR).pipe
+    captions = ["a red circle", "", "two triangles above a blue square, with striped texture"]
+    e0, p0 = W._encode(pipe, captions, 1)
+    e1, p1 = W.text_states(pipe, W._tokenize(pipe, captions), 1)
+    assert e1.requires_grad is False  # the shipped encoders are frozen until text_lr asks
+    torch.testing.assert_close(e1, e0, rtol=0, atol=0)
+    torch.testing.assert_close(p1, p0, rtol=0, atol=0)
+    # With text_lr the encoders train beside the transformer, and the pipeline then encodes
+    # prompts with the trained ones (what save_pipeline ships).
+    before = [t.clone() for t in pipe.text_encoder.parameters()]
+    latents = torch.randn(4, 4, 16, 16)
+    W.train_transformer(pipe, latents, captions + ["a square"], 2, 4, progress=False, text_lr=1e-3)
+    assert not any(t.requires_grad for t in pipe.text_encoder.parameters())
+    moved = [not torch.equal(a, b) for a, b in zip(before, pipe.text_encoder.parameters())]
+    assert any(moved)
+    e2, _ = W._encode(pipe, captions, 1)
+    assert not torch.equal(e2, e0)
+
 def test_geneval_mini_is_refused_as_a_training_reward():
     from rlhf.config import load_config
     from rlhf.run_config import RunConfig
