@@ -246,6 +246,7 @@ def test_sd3_text_states_with_gradients_equal_the_pipelines_encoding_and_train(o
     e2, _ = W._encode(pipe, captions, 1)
     assert not torch.equal(e2, e0)
 
+
 def test_geneval_mini_is_refused_as_a_training_reward():
     from rlhf.config import load_config
     from rlhf.run_config import RunConfig
