@@ -1,4 +1,5 @@
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -45,10 +46,26 @@ def mlflow_store(tmp_path, monkeypatch):
         mlflow.end_run()
 
 
+# Ports for servers a test starts: outside the kernel's ephemeral range (32768-60999 here),
+# from which every ``bind(0)`` and outgoing connection draws, and outside Ray's worker ports
+# (10002-19999). A port taken from bind(0) and released was handed to a Ray process's own
+# socket before the server came to bind it (the dashboard agent: "address already in use",
+# then "No available agent" for every job submission).
+_PORTS = range(20000, 32000)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port that nothing listens on now, on any interface (see _PORTS)."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.choice(_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_PORTS}")
 
 
 def start_mlflow_server(folder: Path) -> tuple[subprocess.Popen, str]:

@@ -4,7 +4,6 @@ authentication on), and a 2-node cluster simulated with ``ray.cluster_utils.Clus
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import ROOT
+from tests.integration.conftest import ROOT, free_port
 
 pytestmark = pytest.mark.integration
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -32,16 +31,10 @@ TINY_RUN = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ray_job_submit_to_a_real_head_with_token_auth(tmp_path):
     # The dashboard agent's HTTP port too: its default (52365) is taken by any other Ray on
     # the machine (a local ray.init), and then no job can be submitted ("No available agent").
-    gcs, dash, agent = _free_port(), _free_port(), _free_port()
+    gcs, dash, agent = free_port(), free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
@@ -74,7 +67,8 @@ def test_ray_job_submit_to_a_real_head_with_token_auth(tmp_path):
         job_dir.mkdir()
         (job_dir / "run.yaml").write_text(QUICKSTART.read_text())
         runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}}
-        for _attempt in range(30):  # the job agent comes up a little after the dashboard
+        agent_deadline = time.time() + 90  # the job agent comes up a little after the dashboard
+        while True:
             submit = subprocess.run(
                 [
                     str(BIN / "ray"), "job", "submit", "--address", address,
@@ -89,6 +83,7 @@ def test_ray_job_submit_to_a_real_head_with_token_auth(tmp_path):
             )  # fmt: skip
             if "No available agent" not in submit.stdout + submit.stderr:
                 break
+            assert time.time() < agent_deadline, "the head's job agent did not come up"
             time.sleep(2)
         out = submit.stdout + submit.stderr
         assert submit.returncode == 0, out
