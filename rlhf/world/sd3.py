@@ -185,19 +185,26 @@ def text_states(pipe, ids: torch.Tensor, max_sequence_length: int = 1):
     return torch.cat([e, t5], dim=-2), torch.cat(pooled, dim=-1)
 
 
+def _caption_rows(captions: list[str]) -> tuple[list[str], torch.Tensor]:
+    """The distinct ``captions`` in first-seen order, and each caption's row among them
+    ``(N,)``: what is encoded (or tokenized) once, and how each sample finds it."""
+    distinct = list(dict.fromkeys(captions))
+    row = {c: i for i, c in enumerate(distinct)}
+    return distinct, torch.tensor([row[c] for c in captions])
+
+
 @torch.no_grad()
 def _encode_captions(pipe, captions: list[str], max_sequence_length: int, batch: int = 256):
     """Embeddings of the distinct ``captions`` ``(U, seq, dim)``, pooled ``(U, dim)``, and each
     caption's row ``(N,)``."""
-    distinct = list(dict.fromkeys(captions))
-    row = {c: i for i, c in enumerate(distinct)}
+    distinct, rows = _caption_rows(captions)
     parts = [
         _encode(pipe, distinct[i : i + batch], max_sequence_length)
         for i in range(0, len(distinct), batch)
     ]
     embeds = torch.cat([e for e, _ in parts])
     pooled = torch.cat([p for _, p in parts])
-    return embeds, pooled, torch.tensor([row[c] for c in captions])
+    return embeds, pooled, rows
 
 
 def train_transformer(
@@ -233,10 +240,8 @@ def train_transformer(
         for enc in encoders:
             enc.train().requires_grad_(True)
         groups.append({"params": [p for e in encoders for p in e.parameters()], "lr": text_lr})
-        distinct = list(dict.fromkeys(captions))
+        distinct, cap_of = _caption_rows(captions)
         cap_ids = _tokenize(pipe, distinct + [""])
-        row = {c: i for i, c in enumerate(distinct)}
-        cap_of = torch.tensor([row[c] for c in captions])
         empty_row = len(distinct)
     else:
         empty_e, empty_p = _encode(pipe, [""], max_sequence_length)
