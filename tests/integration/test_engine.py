@@ -10,13 +10,14 @@ gradients here (< 1e-5), so the update is ~ ``lr * m / eps`` and the comparison 
 
 import json
 import os
-import socket
 import time
 import traceback
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from tests.integration.conftest import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -155,15 +156,9 @@ def _trainable(module) -> set[str]:
     return {n for n, p in module.named_parameters() if p.requires_grad}
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(world, out, timeout=420):
     ctx = mp.start_processes(
-        _worker, args=(world, _free_port(), out), nprocs=world, join=False, start_method="spawn"
+        _worker, args=(world, free_port(), out), nprocs=world, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + timeout
     try:

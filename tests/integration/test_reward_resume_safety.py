@@ -2,7 +2,6 @@
 with ``torch.load(weights_only=True)``: a tampered checkpoint cannot run code."""
 
 import pickle
-import socket
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from torch import nn
 from rewards.training import OptimConfig, make_optimizer
 from rlhf.reward_run_config import RewardScalingConfig, RewardTrainConfig
 from rlhf.train_reward import DS_TAG, deepspeed_engine
+from tests.integration.conftest import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -29,9 +29,7 @@ def one_rank(monkeypatch):
     """A real one-rank gloo group, torn down after the test."""
     import torch.distributed as dist
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     for k, v in {
         "RANK": "0",
         "LOCAL_RANK": "0",
