@@ -51,6 +51,7 @@ class Recipe:
     sd3_images: int = 12000
     vae_steps: int = 2500
     vae_batch: int = 16
+    vae_factor: int = 4  # 64 px -> 16x16 latents (2: 32x32)
     sd3_steps: int = 6000
     sd3_batch: int = 32
     # Above 0, the SD3's two text encoders train with it at this learning rate; 0 (shipped)

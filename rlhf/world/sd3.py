@@ -23,13 +23,17 @@ log = logging.getLogger(__name__)
 SCHEDULER = {"num_train_timesteps": 1000, "shift": 1.0}
 
 
-def vae_config(scale: str = "full") -> dict:
-    ch = [16, 32, 32] if scale == "full" else [8, 16, 16]
+def vae_config(scale: str = "full", factor: int = 4) -> dict:
+    """A tiny ``AutoencoderKL`` that downsamples by ``factor`` (2 or 4) to 4 latent channels."""
+    if factor not in (2, 4):
+        raise ValueError(f"vae factor={factor} must be 2 or 4")
+    levels = factor.bit_length()  # down blocks: 2 for factor 2, 3 for factor 4
+    ch = ([16, 32, 32] if scale == "full" else [8, 16, 16])[:levels]
     return {
         "in_channels": 3,
         "out_channels": 3,
-        "down_block_types": ["DownEncoderBlock2D"] * 3,
-        "up_block_types": ["UpDecoderBlock2D"] * 3,
+        "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "up_block_types": ["UpDecoderBlock2D"] * levels,
         "block_out_channels": ch,
         "layers_per_block": 1,
         "act_fn": "silu",
@@ -44,12 +48,17 @@ def vae_config(scale: str = "full") -> dict:
 
 
 def transformer_config(
-    text_width: int, pooled_dim: int, scale: str = "full", patch_size: int = 2
+    text_width: int,
+    pooled_dim: int,
+    scale: str = "full",
+    patch_size: int = 2,
+    sample_size: int = 16,
 ) -> dict:
-    """Two CLIP slots of ``text_width`` features each are concatenated (SD3's layout)."""
+    """Two CLIP slots of ``text_width`` features each are concatenated (SD3's layout);
+    ``sample_size``: the latent's side (64 px over the VAE's factor)."""
     layers, heads = (4, 3) if scale == "full" else (1, 2)
     return {
-        "sample_size": 16,
+        "sample_size": sample_size,
         "patch_size": patch_size,
         "in_channels": 4,
         "out_channels": 4,
@@ -85,14 +94,15 @@ def train_vae(
     seed: int = 0,
     scale: str = "full",
     progress: bool = True,
+    factor: int = 4,
 ):
-    """An ``AutoencoderKL`` trained to reconstruct ``images`` (uint8 ``(N, 64, 64, 3)``);
+    """An ``AutoencoderKL`` (downsampling by ``factor``) trained to reconstruct ``images`` (uint8 ``(N, 64, 64, 3)``);
     its ``scaling_factor`` and ``shift_factor`` are set from the latents' statistics."""
     from diffusers import AutoencoderKL
     from tqdm import tqdm
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**vae_config(scale))
+    vae = AutoencoderKL(**vae_config(scale, factor))
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=1e-4)
     sched = _cosine(opt, steps)
     gen = torch.Generator().manual_seed(seed)
@@ -294,12 +304,14 @@ def latent_weights(cover: np.ndarray, object_weight: float, factor: int = 4) -> 
     return w / w.mean()
 
 
-def new_transformer(text_encoder, scale: str = "full", seed: int = 0, patch_size: int = 2):
+def new_transformer(
+    text_encoder, scale: str = "full", seed: int = 0, patch_size: int = 2, sample_size: int = 16
+):
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
     c = text_encoder.config
-    cfg = transformer_config(c.hidden_size, c.projection_dim, scale, patch_size)
+    cfg = transformer_config(c.hidden_size, c.projection_dim, scale, patch_size, sample_size)
     return SD3Transformer2DModel(**cfg)
 
 

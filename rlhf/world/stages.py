@@ -75,7 +75,13 @@ def train_world_vae(folder: Path, recipe: Recipe, seed: int, scale: str) -> None
     """The tiny ``AutoencoderKL``, trained on the generator's renders, into ``folder``."""
     images, _ = _sd3_data(recipe.sd3_images, seed)
     vae = W.train_vae(
-        images, recipe.vae_steps, recipe.vae_batch, seed=seed, scale=scale, progress=True
+        images,
+        recipe.vae_steps,
+        recipe.vae_batch,
+        seed=seed,
+        scale=scale,
+        progress=True,
+        factor=recipe.vae_factor,
     )
     vae.save_pretrained(str(folder), safe_serialization=True)
 
@@ -91,7 +97,9 @@ def train_world_sd3(folder: Path, out: Path, recipe: Recipe, seed: int, scale: s
     vae = AutoencoderKL.from_pretrained(str(out / "vae")).eval().requires_grad_(False)
     vae.register_to_config(_name_or_path="vae")  # not the build's scratch path, into the config
     latents = W.encode_latents(vae, images)
-    transformer = W.new_transformer(text_encoder, scale, seed, recipe.sd3_patch)
+    transformer = W.new_transformer(
+        text_encoder, scale, seed, recipe.sd3_patch, S.SIZE // recipe.vae_factor
+    )
     pipe = W.build_pipeline(vae, transformer, text_encoder, tok)
     W.train_transformer(
         pipe,
@@ -101,7 +109,7 @@ def train_world_sd3(folder: Path, out: Path, recipe: Recipe, seed: int, scale: s
         recipe.sd3_batch,
         seed=seed,
         progress=True,
-        weights=W.latent_weights(cover, recipe.sd3_object_weight),
+        weights=W.latent_weights(cover, recipe.sd3_object_weight, recipe.vae_factor),
         text_lr=recipe.sd3_text_lr,
     )
     W.save_pipeline(pipe, folder)

@@ -61,6 +61,24 @@ def test_object_mask_covers_exactly_the_drawn_objects_and_weights_them():
     w = W.latent_weights(cover, 4.0)
     assert w.shape == (2, 1, 16, 16) and torch.isclose(w.mean(), torch.tensor(1.0))
     assert torch.isclose(w[0, 0, 0, 0] / w[1, 0, 0, 0], torch.tensor(5.0))
+    w2 = W.latent_weights(cover, 4.0, factor=2)
+    assert w2.shape == (2, 1, 32, 32) and torch.isclose(w2.mean(), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+def test_world_vae_and_transformer_take_the_recipes_latent_size(factor, one_torch_thread):
+    from diffusers import AutoencoderKL
+
+    from rlhf.world import sd3 as W
+
+    vae = AutoencoderKL(**W.vae_config("toy", factor)).eval()
+    z = vae.encode(torch.zeros(1, 3, S.SIZE, S.SIZE)).latent_dist.mean
+    assert z.shape == (1, 4, S.SIZE // factor, S.SIZE // factor)
+    assert vae.decode(z).sample.shape == (1, 3, S.SIZE, S.SIZE)
+    cfg = W.transformer_config(8, 8, "toy", patch_size=4, sample_size=S.SIZE // factor)
+    assert cfg["sample_size"] == S.SIZE // factor and cfg["patch_size"] == 4
+    with pytest.raises(ValueError, match="factor=3 must be 2 or 4"):
+        W.vae_config("full", 3)
 
 
 def test_world_tokenizer_has_one_token_per_world_word():
