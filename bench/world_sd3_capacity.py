@@ -76,6 +76,7 @@ def run(
     batch: int | None = None,
     guidances: tuple[float, ...] = (1.0,),
     save: str | None = None,
+    contrastive: float = 0.0,
 ) -> dict:
     import torch
     from diffusers import SD3Transformer2DModel
@@ -137,6 +138,7 @@ def run(
         weights=weights,
         t_mean=t_mean,
         text_lr=text_lr,
+        contrastive=contrastive,
     )
     train_s = time.perf_counter() - t0
     if save:
@@ -162,6 +164,7 @@ def run(
         "object_weight": object_weight,
         "t_mean": t_mean,
         "text_lr": text_lr,
+        "contrastive": contrastive,
         "vae": vae_dir or "shipped",
         "vae_factor": factor,
         "params": params,
@@ -213,6 +216,9 @@ def main(argv=None) -> int:
         "--guidance", type=float, nargs="+", default=[1.0], help="CFG scales to sample at"
     )
     ap.add_argument("--save", default=None, help="save the trained pipeline in this folder")
+    ap.add_argument(
+        "--contrastive", type=float, default=0.0, help="contrastive flow matching's lambda"
+    )
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     r = run(
@@ -232,6 +238,7 @@ def main(argv=None) -> int:
         a.batch,
         tuple(a.guidance),
         a.save,
+        a.contrastive,
     )
     return emit(r, a.out)
 

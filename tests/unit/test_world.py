@@ -369,3 +369,44 @@ def test_reward_judge_auc_counts_pairs_and_half_ties():
     assert auc(torch.tensor([0.1, 0.2, 0.9, 0.8]), labels) == 0.0
     assert auc(torch.tensor([0.5, 0.9, 0.5, 0.1]), labels) == 0.875  # 3 wins + 1 tie of 4
     assert auc(torch.tensor([0.5, 0.5]), torch.tensor([True, True])) is None
+
+
+@shipped
+def test_contrastive_flow_matching_subtracts_the_distance_to_another_samples_target(
+    one_torch_thread,
+):
+    import copy
+
+    from rlhf.world import sd3 as W
+    from rlhf.world.sampling import load_world_generator
+
+    pipe = load_world_generator(world.SD3_DIR).pipe
+    latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    captions = ["a red circle", "two squares", "a triangle", "a blue diamond"]
+    # lr 0: the first step's loss is the untouched model's, the same draws for both.
+    plain = W.train_transformer(copy.copy(pipe), latents, captions, 1, 4, lr=0.0, progress=False)
+    lam = 0.2
+    both = W.train_transformer(
+        copy.copy(pipe), latents, captions, 1, 4, lr=0.0, progress=False, contrastive=lam
+    )
+    # Redo the step by hand: the same draws (seed 0) and the rolled batch's target.
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    idx = torch.randint(0, 4, (4,), generator=gen)
+    drop = torch.rand(4, generator=gen) < 0.1
+    e, p, rows = W._encode_captions(pipe, captions, 1)
+    empty_e, empty_p = W._encode(pipe, [""], 1)
+    e = torch.where(drop[:, None, None], empty_e, e[rows[idx]])
+    p = torch.where(drop[:, None], empty_p, p[rows[idx]])
+    t = torch.sigmoid(torch.randn(4, generator=gen))
+    noise = torch.randn(latents[idx].shape, generator=gen)
+    x0 = latents[idx]
+    xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+    with torch.no_grad():
+        v = pipe.transformer(
+            hidden_states=xt, timestep=t * 1000, encoder_hidden_states=e, pooled_projections=p
+        ).sample
+    target = noise - x0
+    negative = (v - target.roll(1, dims=0)).pow(2).mean().item()
+    assert plain[0] == pytest.approx((v - target).pow(2).mean().item(), rel=1e-4)
+    assert both[0] == pytest.approx(plain[0] - lam * negative, rel=1e-4)
