@@ -410,3 +410,21 @@ def test_contrastive_flow_matching_subtracts_the_distance_to_another_samples_tar
     negative = (v - target.roll(1, dims=0)).pow(2).mean().item()
     assert plain[0] == pytest.approx((v - target).pow(2).mean().item(), rel=1e-4)
     assert both[0] == pytest.approx(plain[0] - lam * negative, rel=1e-4)
+
+
+@shipped
+def test_guidance_interval_probe_samples_as_the_project_sampler(one_torch_thread):
+    from bench.world_guidance import sample_guided
+    from rlhf.world.build import Recipe
+    from rlhf.world.sampling import load_world_generator, sample_world
+
+    gen = load_world_generator(world.SD3_DIR)
+    prompts = ["a red circle", "two squares", "a triangle above a diamond"]
+    cond = gen.encode_prompts(prompts, 2.0, "", 1)
+    for scale in (1.0, 2.0):  # no guidance; guidance at every step (sigma >= 0)
+        ours = sample_guided(gen, cond, [0, 1, 2], 3, scale, 0.0)
+        recipe = Recipe(sample_steps=3, guidance=scale)
+        torch.testing.assert_close(ours, sample_world(None, prompts, recipe, gen=gen))
+    # Guided only while sigma >= 0.5: the early steps as guided, then unguided.
+    mixed = sample_guided(gen, cond, [0, 1, 2], 3, 2.0, 0.5)
+    assert not torch.equal(mixed, sample_guided(gen, cond, [0, 1, 2], 3, 1.0, 0.0))
