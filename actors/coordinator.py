@@ -153,6 +153,9 @@ class Coordinator:
         with self._lock:
             if self.workers:  # Ray Train restarted the group after a failure
                 self.rebuilds += 1
+                # What the dead group logged (some of it still gathered here) is sent now,
+                # and its steps are not logged again when the new group replays them.
+                self.records.flush()
                 self.records.last_logged = max(self.records.last_logged, self.records.high_water)
                 self._say(
                     f"generator group restarted by Ray Train ({self.rebuilds} of "

@@ -114,11 +114,14 @@ def loop(cfg, warmup: int) -> tuple[list[float], float]:
     return times, time.perf_counter() - t0
 
 
-def run(short: bool = False, repeats: int = 1, sides: list[str] | None = None) -> dict:
+def run(
+    short: bool = False, repeats: int = 1, sides: list[str] | None = None, steps: int | None = None
+) -> dict:
     import ray
 
     logging.getLogger().setLevel(logging.ERROR)
-    steps, batch, warmup = (5, 2, 1) if short else (14, 4, 3)
+    n, batch, warmup = (5, 2, 1) if short else (14, 4, 3)
+    steps = steps or n
     results: dict = {}
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
@@ -173,9 +176,10 @@ def main(argv=None) -> int:
     p.add_argument("--short", action="store_true")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--sides", nargs="*", default=None, help=f"plain and any of {SIDES}")
+    p.add_argument("--steps", type=int, default=None, help="steps per side (default: 14)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    return emit(run(a.short, a.repeats, a.sides), a.out)
+    return emit(run(a.short, a.repeats, a.sides, a.steps), a.out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """What a fine-tuning run keeps in MLflow, without Ray: the run itself (created, or resumed
-from its config and run folder), its metrics (logged asynchronously, flushed before each
-checkpoint, never twice for a step), its registered policy versions, what is read back for
-the summary, the run's errors and the console summary.
+from its config and run folder), its metrics (gathered over a few steps, then logged
+asynchronously in one batch; flushed before each checkpoint, never twice for a step), its
+registered policy versions, what is read back for the summary, the run's errors and the
+console summary.
 
 The :class:`~actors.coordinator.Coordinator` actor holds one :class:`RunRecords`; the driver
 (:class:`~actors.finetune_run.FinetuneRun`) uses :func:`read_resume` before Ray starts.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +26,9 @@ from rlhf.run_config import RunConfig
 log = logging.getLogger(__name__)
 
 RUN_DIR_TAG = "rlhf.run_dir"
+# Step metrics go to MLflow in one batch per this many steps or seconds, whichever comes first.
+LOG_EVERY_STEPS = 10
+LOG_EVERY_S = 5.0
 
 
 class RunStopped(RuntimeError):
@@ -96,6 +101,9 @@ class RunRecords:
         self.last_logged = -1  # steps up to here are in MLflow already (resume, restart)
         self.high_water = -1  # the highest step logged by this process
         self._pending: list = []  # mlflow RunOperations of asynchronous metric logging
+        self._batch: list = []  # mlflow Metrics of the steps not yet sent
+        self._batch_steps = 0
+        self._sent_at = time.monotonic()
 
     def resume_command(self) -> str:
         return resume_command(self.tracking_uri, self.run_id)
@@ -150,22 +158,40 @@ class RunRecords:
             setattr(self.cfg, field, specs)
 
     def log(self, metrics: dict, step: int) -> None:
-        import mlflow
+        """``metrics`` of ``step``, sent to MLflow with those of the next steps: every
+        :data:`LOG_EVERY_STEPS` steps or :data:`LOG_EVERY_S` seconds, and at :meth:`flush`.
+        A transaction per step cost the coordinator 8% of a core beside the workers' steps
+        (BENCHMARKS.md section 6)."""
+        from mlflow.entities import Metric
 
         if step <= self.last_logged:
             return  # already in MLflow from before a resume or restart
-        op = mlflow.log_metrics(
-            {tracking.metric_key(k): float(v) for k, v in metrics.items()},
-            step=step,
-            synchronous=False,  # off the step's critical path; flushed before each checkpoint
-            run_id=self.run_id,
-        )
-        self._pending.append(op)
+        now = int(time.time() * 1000)
+        self._batch += [
+            Metric(tracking.metric_key(k), float(v), now, step) for k, v in metrics.items()
+        ]
+        self._batch_steps += 1
         self.high_water = max(self.high_water, step)
+        if self._batch_steps >= LOG_EVERY_STEPS or time.monotonic() - self._sent_at >= LOG_EVERY_S:
+            self._send()
+
+    def _send(self) -> None:
+        """The gathered metrics to MLflow, asynchronously (off the steps' critical path)."""
+        from mlflow import MlflowClient
+
+        batch, self._batch, self._batch_steps = self._batch, [], 0
+        self._sent_at = time.monotonic()
+        # MLflow caps a batch at 1000 metrics.
+        for i in range(0, len(batch), 1000):
+            op = MlflowClient().log_batch(self.run_id, batch[i : i + 1000], synchronous=False)
+            self._pending.append(op)
 
     def flush(self) -> None:
-        """Wait for the asynchronous metric logging; raises if any of it failed (MLflow
-        unreachable): MLflow only logs such failures, and the run would go on unrecorded."""
+        """Send what is gathered and wait for the asynchronous metric logging; raises if any
+        of it failed (MLflow unreachable): MLflow only logs such failures, and the run would
+        go on unrecorded."""
+        if self._batch:
+            self._send()
         ops, self._pending = self._pending, []
         for op in ops:
             op.wait()
@@ -205,6 +231,7 @@ class RunRecords:
         from mlflow import MlflowClient
 
         try:
+            self.flush()  # the steps done before a failure or an interrupt are recorded too
             MlflowClient().set_terminated(self.run_id, status)
         except Exception as e:
             self.say(f"warning: could not mark MLflow run {self.run_id} {status}: {e}")
