@@ -96,8 +96,9 @@ def train_vae(
     progress: bool = True,
     factor: int = 4,
 ):
-    """An ``AutoencoderKL`` (downsampling by ``factor``) trained to reconstruct ``images`` (uint8 ``(N, 64, 64, 3)``);
-    its ``scaling_factor`` and ``shift_factor`` are set from the latents' statistics."""
+    """An ``AutoencoderKL`` (downsampling by ``factor``) trained to reconstruct ``images``
+    (uint8 ``(N, 64, 64, 3)``); its ``scaling_factor`` and ``shift_factor`` are set from the
+    latents' statistics."""
     from diffusers import AutoencoderKL
     from tqdm import tqdm
 
@@ -233,10 +234,10 @@ def train_transformer(
     text_lr: float = 0.0,
     contrastive: float = 0.0,
 ):
-    """Flow-matching pretraining of ``pipe.transformer`` on scaled ``latents (N, 4, 16, 16)``
-    and their ``captions`` (see the module docstring); ``weights (N, 1, 16, 16)`` weigh each
-    latent pixel's squared error (:func:`latent_weights`); timesteps are logit-normal with mean
-    ``t_mean`` (above 0: more of them noisy, where layout and shape are decided). With
+    """Flow-matching pretraining of ``pipe.transformer`` on scaled ``latents (N, 4, h, w)``
+    (16x16 from the factor-4 VAE) and their ``captions`` (see the module docstring);
+    ``weights (N, 1, h, w)`` weigh each latent pixel's squared error (:func:`latent_weights`);
+    timesteps are logit-normal with mean ``t_mean`` (above 0: more of them noisy, where layout and shape are decided). With
     ``text_lr`` above 0 the two text encoders train too, at that learning rate (each starts as
     the world CLIP's text tower; frozen, it separates shape and number words too little for the
     transformer to follow them). ``contrastive`` above 0 subtracts that multiple of the squared
