@@ -13,11 +13,10 @@ On renders of held-out easy prompts, GenEval-mini (the judge) of:
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from bench.common import emit
+from bench.common import world_main
 
 NOISE = (0.0, 0.1, 0.2, 0.3, 0.5)
 TIMES = (0.2, 0.4, 0.6, 0.8)
@@ -132,12 +131,7 @@ def one_step_x0(pipe, judge, specs, z, g, times=TIMES) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--world", default=None, help="a built world (default: the shipped one)")
-    p.add_argument("--prompts", type=int, default=240, help="held-out prompts (default: 240)")
-    p.add_argument("--out", default=None)
-    a = p.parse_args(argv)
-    return emit(run(a.world, a.prompts), a.out)
+    return world_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,10 @@ on held-out prompts (BENCHMARKS.md, section 0).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from bench.common import emit
+from bench.common import world_main
 
 # (scale, lowest sigma guided): plain sampling, plain guidance 1.5, and guidance at high noise.
 SETTINGS = ((1.0, 0.0), (1.5, 0.0), (2.0, 0.6), (3.0, 0.6), (3.0, 0.8), (5.0, 0.8), (2.0, 0.4))
@@ -59,12 +58,7 @@ def run(world: str | None, prompts: int, steps: int = 10) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--world", default=None, help="a built world (default: the shipped one)")
-    p.add_argument("--prompts", type=int, default=240, help="held-out prompts (default: 240)")
-    p.add_argument("--out", default=None)
-    a = p.parse_args(argv)
-    return emit(run(a.world, a.prompts), a.out)
+    return world_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":
