@@ -21,9 +21,10 @@ def sample_guided(gen, cond, seeds: list[int], steps: int, scale: float, lowest:
     and none after (``cond`` with negatives)."""
     import torch
 
+    from rewards.world.scenes import SIZE
     from rlhf import sampler as SM
 
-    x = SM.initial_latents(gen, SM.seeded_generators(seeds), 64, 64)
+    x = SM.initial_latents(gen, SM.seeded_generators(seeds), SIZE, SIZE)
     ts, sigmas = SM.schedule(
         gen.pipe.scheduler.config, steps, x.shape[-2:], gen.transformer.config.patch_size
     )

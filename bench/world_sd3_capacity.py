@@ -82,6 +82,7 @@ def run(
     from diffusers import SD3Transformer2DModel
 
     from rewards import world
+    from rewards.world import scenes as S
     from rewards.world.judge import Judge
     from rlhf.world import sd3 as W
     from rlhf.world.build import Recipe
@@ -111,7 +112,7 @@ def run(
         enc.config.hidden_size,
         enc.config.projection_dim,
         patch_size=patch,
-        sample_size=64 // gen.vae_scale_factor,
+        sample_size=S.SIZE // gen.vae_scale_factor,
     )
     cfg.update(num_layers=layers, num_attention_heads=heads, caption_projection_dim=32 * heads)
     torch.manual_seed(0)

@@ -181,9 +181,10 @@ class RunRecords:
 
         batch, self._batch, self._batch_steps = self._batch, [], 0
         self._sent_at = time.monotonic()
+        client = MlflowClient()
         # MLflow caps a batch at 1000 metrics.
         for i in range(0, len(batch), 1000):
-            op = MlflowClient().log_batch(self.run_id, batch[i : i + 1000], synchronous=False)
+            op = client.log_batch(self.run_id, batch[i : i + 1000], synchronous=False)
             self._pending.append(op)
 
     def flush(self) -> None:

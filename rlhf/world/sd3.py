@@ -237,8 +237,8 @@ def train_transformer(
     """Flow-matching pretraining of ``pipe.transformer`` on scaled ``latents (N, 4, h, w)``
     (16x16 from the factor-4 VAE) and their ``captions`` (see the module docstring);
     ``weights (N, 1, h, w)`` weigh each latent pixel's squared error (:func:`latent_weights`);
-    timesteps are logit-normal with mean ``t_mean`` (above 0: more of them noisy, where layout and shape are decided). With
-    ``text_lr`` above 0 the two text encoders train too, at that learning rate (each starts as
+    timesteps are logit-normal with mean ``t_mean`` (above 0: more of them noisy, where
+    layout and shape are decided). With ``text_lr`` above 0 the two text encoders train too, at that learning rate (each starts as
     the world CLIP's text tower; frozen, it separates shape and number words too little for the
     transformer to follow them). ``contrastive`` above 0 subtracts that multiple of the squared
     distance to another sample's target (contrastive flow matching, Stoica et al. 2025, whose
