@@ -77,6 +77,10 @@ def run(
     guidances: tuple[float, ...] = (1.0,),
     save: str | None = None,
     contrastive: float = 0.0,
+    easy: float = 0.6,
+    align_stage: int = 0,
+    align_weight: float = 0.5,
+    align_block: int = 1,
 ) -> dict:
     import torch
     from diffusers import SD3Transformer2DModel
@@ -119,10 +123,17 @@ def run(
     gen.pipe.transformer = SD3Transformer2DModel(**cfg)
     params = sum(p.numel() for p in gen.transformer.parameters())
     t0 = time.perf_counter()
-    renders, captions, cover = _sd3_data(images, 0, masks=True)
+    renders, captions, cover = _sd3_data(images, 0, masks=True, easy=easy)
     latents = W.encode_latents(gen.vae, renders)
     factor = gen.vae_scale_factor
     weights = W.latent_weights(cover, object_weight, factor) if object_weight else None
+    align = None
+    if align_stage:
+        from rewards.world.clip import load_clip
+
+        clip_model, _ = load_clip(world.CLIP_DIR)
+        grid = S.SIZE // factor // patch
+        align = W.clip_token_features(clip_model.eval(), renders, grid, align_stage)
     data_s = time.perf_counter() - t0
     per_step = None
     if steps is None:
@@ -140,6 +151,9 @@ def run(
         t_mean=t_mean,
         text_lr=text_lr,
         contrastive=contrastive,
+        align=align,
+        align_weight=align_weight,
+        align_block=align_block,
     )
     train_s = time.perf_counter() - t0
     if save:
@@ -166,6 +180,8 @@ def run(
         "t_mean": t_mean,
         "text_lr": text_lr,
         "contrastive": contrastive,
+        "easy_share": easy,
+        "align": {"stage": align_stage, "weight": align_weight, "block": align_block},
         "vae": vae_dir or "shipped",
         "vae_factor": factor,
         "params": params,
@@ -220,6 +236,17 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--contrastive", type=float, default=0.0, help="contrastive flow matching's lambda"
     )
+    ap.add_argument(
+        "--easy", type=float, default=0.6, help="share of plain easy-prompt renders in the data"
+    )
+    ap.add_argument(
+        "--align-stage",
+        type=int,
+        default=0,
+        help="REPA: align to the world CLIP's ResNet features after this stage (1-4; 0: off)",
+    )
+    ap.add_argument("--align-weight", type=float, default=0.5)
+    ap.add_argument("--align-block", type=int, default=1, help="the transformer block aligned")
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     r = run(
@@ -240,6 +267,10 @@ def main(argv=None) -> int:
         tuple(a.guidance),
         a.save,
         a.contrastive,
+        a.easy,
+        a.align_stage,
+        a.align_weight,
+        a.align_block,
     )
     return emit(r, a.out)
 

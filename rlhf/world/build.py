@@ -61,6 +61,11 @@ class Recipe:
     # The SD3's loss counts object pixels 1 + sd3_object_weight times (rlhf.world.sd3.latent_weights).
     sd3_object_weight: float = 4.0
     sd3_patch: int = 2
+    # Representation alignment (REPA): the SD3's tokens after block 1 are pulled toward the
+    # world CLIP's ResNet features after this stage (1-4; 0: off) with this weight
+    # (rlhf.world.sd3.train_transformer's ``align``).
+    sd3_align_stage: int = 0
+    sd3_align_weight: float = 0.5
     ict_prompts: int = 600
     ict_epochs: int = 3
     eval_prompts: int = 120

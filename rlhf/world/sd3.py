@@ -233,6 +233,9 @@ def train_transformer(
     t_mean: float = 0.0,
     text_lr: float = 0.0,
     contrastive: float = 0.0,
+    align: torch.Tensor | None = None,
+    align_weight: float = 0.5,
+    align_block: int = 1,
 ):
     """Flow-matching pretraining of ``pipe.transformer`` on scaled ``latents (N, 4, h, w)``
     (16x16 from the factor-4 VAE) and their ``captions`` (see the module docstring);
@@ -242,13 +245,30 @@ def train_transformer(
     the world CLIP's text tower; frozen, it separates shape and number words too little for the
     transformer to follow them). ``contrastive`` above 0 subtracts that multiple of the squared
     distance to another sample's target (contrastive flow matching, Stoica et al. 2025, whose
-    ImageNet runs use 0.05). Returns the per-step losses."""
+    ImageNet runs use 0.05). ``align (N, tokens, C)``: a pretrained encoder's features of each
+    clean image on the transformer's token grid (:func:`clip_token_features`); the image tokens
+    after block ``align_block``, through a small projector trained alongside (and dropped),
+    are pulled toward them by ``align_weight`` times their negative cosine similarity
+    (representation alignment, REPA, Yu et al. 2024, whose weight is 0.5). Returns the
+    per-step losses."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
     model = pipe.transformer
     model.train().requires_grad_(True)
     groups = [{"params": list(model.parameters()), "lr": lr}]
+    tokens, hook = {}, None
+    if align is not None:
+        width = model.config.num_attention_heads * model.config.attention_head_dim
+        projector = torch.nn.Sequential(
+            torch.nn.Linear(width, 2 * width),
+            torch.nn.SiLU(),
+            torch.nn.Linear(2 * width, align.shape[-1]),
+        )
+        groups[0]["params"] += list(projector.parameters())
+        hook = model.transformer_blocks[align_block].register_forward_hook(
+            lambda _m, _i, out: tokens.__setitem__("h", out[1])
+        )
     encoders = (pipe.text_encoder, pipe.text_encoder_2)
     if text_lr > 0:
         for enc in encoders:
@@ -290,6 +310,9 @@ def train_transformer(
             # so that flows under different captions stay apart.
             err = err - contrastive * (v - target.roll(1, dims=0)).pow(2)
         loss = (err * weights[idx]).mean() if weights is not None else err.mean()
+        if align is not None:
+            sim = F.cosine_similarity(projector(tokens.pop("h")), align[idx], dim=-1)
+            loss = loss - align_weight * sim.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([q for g in groups for q in g["params"]], 1.0)
@@ -297,10 +320,38 @@ def train_transformer(
         sched.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", refresh=False)
+    if hook is not None:
+        hook.remove()
     model.eval().requires_grad_(False)
     for enc in encoders:
         enc.eval().requires_grad_(False)
     return losses
+
+
+@torch.no_grad()
+def clip_token_features(
+    clip_model, images: np.ndarray, grid: int, stage: int = 3, batch: int = 256
+):
+    """``(N, grid * grid, C)``: the world CLIP's ResNet image features after residual stage
+    ``stage`` (1-4: 16, 8, 4, 2 px cells of a 64 px image) of uint8 ``images (N, 64, 64, 3)``,
+    resized to the transformer's ``grid x grid`` tokens, in their row-major order (the targets
+    of :func:`train_transformer`'s ``align``)."""
+    from rewards.world.clip import pixels
+
+    visual = clip_model.visual
+    if not hasattr(visual, "layer4") or not 1 <= stage <= 4:
+        raise ValueError(
+            f"align stage={stage}: needs 1-4 and the world CLIP's ResNet image tower "
+            "(clip_vision: resnet)"
+        )
+    out = []
+    for i in range(0, len(images), batch):
+        x = visual.stem(pixels(images[i : i + batch]))
+        for layer in (visual.layer1, visual.layer2, visual.layer3, visual.layer4)[:stage]:
+            x = layer(x)
+        x = F.interpolate(x, size=(grid, grid), mode="bilinear", align_corners=False)
+        out.append(x.flatten(2).transpose(1, 2))
+    return torch.cat(out)
 
 
 def latent_weights(cover: np.ndarray, object_weight: float, factor: int = 4) -> torch.Tensor:

@@ -23,10 +23,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _sd3_data(n: int, seed: int, masks: bool = False):
-    """Renders and captions for the generator: easy prompts drawn plainly (most), refined
-    prompts drawn with their detail, and full descriptions of either; with ``masks``, also
-    each render's object coverage ``(n, SIZE, SIZE)`` (:func:`rewards.world.scenes.object_mask`)."""
+def _sd3_data(n: int, seed: int, masks: bool = False, easy: float = 0.6):
+    """Renders and captions for the generator: a share ``easy`` of easy prompts drawn plainly,
+    the rest refined prompts drawn with their detail (five eighths) and full descriptions of
+    either (three eighths); with ``masks``, also each render's object coverage
+    ``(n, SIZE, SIZE)`` (:func:`rewards.world.scenes.object_mask`)."""
+    refined = easy + (1.0 - easy) * 0.625
     images = np.empty((n, S.SIZE, S.SIZE, 3), np.uint8)
     cover = np.zeros((n, S.SIZE, S.SIZE), np.float32) if masks else None
     captions = []
@@ -34,14 +36,14 @@ def _sd3_data(n: int, seed: int, masks: bool = False):
         rng = np.random.default_rng((seed, 7, i))
         spec = S.sample_spec(rng)
         u = rng.random()
-        detail = S.sample_detail(rng) if u >= 0.6 else None
+        detail = S.sample_detail(rng) if u >= easy else None
         scene = S.scene_for(spec, rng, detail)
         images[i] = S.to_uint8(S.render(scene, rng))
         if masks:
             cover[i] = S.object_mask(scene)
-        if u < 0.6:
+        if u < easy:
             captions.append(spec.prompt())
-        elif u < 0.85:
+        elif u < refined:
             captions.append(S.refine_prompt(spec.prompt(), detail))
         else:
             captions.append(S.describe(scene, rng))
@@ -101,6 +103,10 @@ def train_world_sd3(folder: Path, out: Path, recipe: Recipe, seed: int, scale: s
         text_encoder, scale, seed, recipe.sd3_patch, S.SIZE // recipe.vae_factor
     )
     pipe = W.build_pipeline(vae, transformer, text_encoder, tok)
+    align = None
+    if recipe.sd3_align_stage:
+        grid = S.SIZE // recipe.vae_factor // recipe.sd3_patch
+        align = W.clip_token_features(model.eval(), images, grid, recipe.sd3_align_stage)
     W.train_transformer(
         pipe,
         latents,
@@ -111,6 +117,8 @@ def train_world_sd3(folder: Path, out: Path, recipe: Recipe, seed: int, scale: s
         progress=True,
         weights=W.latent_weights(cover, recipe.sd3_object_weight, recipe.vae_factor),
         text_lr=recipe.sd3_text_lr,
+        align=align,
+        align_weight=recipe.sd3_align_weight,
     )
     W.save_pipeline(pipe, folder)
 

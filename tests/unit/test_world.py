@@ -413,6 +413,55 @@ def test_contrastive_flow_matching_subtracts_the_distance_to_another_samples_tar
 
 
 @shipped
+def test_representation_alignment_adds_the_projected_tokens_cosine_to_clip_features(
+    one_torch_thread,
+):
+    import copy
+
+    from rlhf.world import sd3 as W
+    from rlhf.world.sampling import load_world_generator
+
+    clip_model, _ = C.load_clip(world.CLIP_DIR)
+    rng = np.random.default_rng(0)
+    renders = np.stack(
+        [S.to_uint8(S.render(S.scene_for(S.sample_spec(rng), rng), rng)) for _ in range(4)]
+    )
+    feats = W.clip_token_features(clip_model.eval(), renders, grid=8, stage=2, batch=3)
+    # Stage 2 of the ResNet is already 8x8 (8 px cells): the targets are its map, row-major.
+    with torch.no_grad():
+        v = clip_model.visual
+        ref = v.layer2(v.layer1(v.stem(C.pixels(renders))))
+    assert feats.shape == (4, 64, ref.shape[1])
+    torch.testing.assert_close(feats[2, 8 * 3 + 5], ref[2, :, 3, 5], rtol=0, atol=1e-5)
+
+    pipe = load_world_generator(world.SD3_DIR).pipe
+    latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    captions = ["a red circle", "two squares", "a triangle", "a blue diamond"]
+    plain = W.train_transformer(copy.copy(pipe), latents, captions, 1, 4, lr=0.0, progress=False)
+    blocks = []
+    hook = pipe.transformer.transformer_blocks[1].register_forward_hook(
+        lambda _m, _i, out: blocks.append(out[1].detach())
+    )
+    aligned = W.train_transformer(
+        copy.copy(pipe), latents, captions, 1, 4, lr=0.0, progress=False, align=feats
+    )
+    hook.remove()
+    # The same draws as the plain step (seed 0), and the projector the step built from seed 0.
+    torch.manual_seed(0)
+    width = 32 * pipe.transformer.config.num_attention_heads
+    proj = torch.nn.Sequential(
+        torch.nn.Linear(width, 2 * width),
+        torch.nn.SiLU(),
+        torch.nn.Linear(2 * width, feats.shape[-1]),
+    )
+    idx = torch.randint(0, 4, (4,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sim = torch.nn.functional.cosine_similarity(proj(blocks[0]), feats[idx], dim=-1).mean()
+    assert aligned[0] == pytest.approx(plain[0] - 0.5 * sim.item(), rel=1e-4, abs=1e-6)
+    assert not any(m._forward_hooks for m in pipe.transformer.transformer_blocks)
+
+
+@shipped
 def test_guidance_interval_probe_samples_as_the_project_sampler(one_torch_thread):
     from bench.world_guidance import sample_guided
     from rlhf.world.build import Recipe

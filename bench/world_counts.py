@@ -1,0 +1,66 @@
+"""What the world SD3 draws for a fixed prompt: the number of objects and the shapes the judge
+detects in 48 samples (seeds 0-47) of each of eight prompts (BENCHMARKS.md, section 0). A
+generator that reads number words draws one object for "a square" and four for "four
+squares"; one that reads shape words draws mostly squares for either.
+
+    python -m bench.world_counts [--world DIR] [--prompts 48] [--out FILE.json]
+
+``--world`` is a built world or an SD3 diffusers folder (a pilot's ``--save``); ``--prompts``
+is the number of samples per prompt.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from bench.common import world_main
+
+PROMPTS = (
+    "a square",
+    "two squares",
+    "three squares",
+    "four squares",
+    "a circle",
+    "a triangle",
+    "a diamond",
+    "a red circle and a blue square",
+)
+
+
+def run(world: str | None, samples: int, guidance: float = 1.0) -> dict:
+    from collections import Counter
+    from dataclasses import replace
+
+    import torch
+
+    from rewards import world as W
+    from rewards.world.judge import Judge
+    from rlhf.world.build import Recipe
+    from rlhf.world.sampling import load_world_generator, sample_world
+
+    torch.set_num_threads(1)
+    root = Path(world) if world else W.ASSETS
+    sd3 = root / "sd3" if (root / "sd3").is_dir() else root
+    gen = load_world_generator(sd3)
+    judge = Judge.load(W.JUDGE_DIR)
+    recipe = replace(Recipe(), guidance=guidance)
+    out = {"suite": "world_counts", "sd3": str(sd3), "samples": samples, "guidance": guidance}
+    for prompt in PROMPTS:
+        dets = judge.detect(sample_world(None, [prompt] * samples, recipe, gen=gen))
+        counts = Counter(len(d) for d in dets)
+        shapes = Counter(o.shape for d in dets for o in d)
+        out[prompt] = {
+            "objects": {str(k): counts[k] for k in sorted(counts)},
+            "mean_objects": sum(len(d) for d in dets) / samples,
+            "shapes": dict(shapes.most_common()),
+        }
+    return out
+
+
+def main(argv=None) -> int:
+    return world_main(run, __doc__, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
