@@ -1,7 +1,8 @@
 """What the world SD3 draws for a fixed prompt: the number of objects and the shapes the judge
-detects in 48 samples (seeds 0-47) of each of eight prompts (BENCHMARKS.md, section 0). A
+detects in 48 samples (seeds 0-47) of the empty prompt and of eight prompts (BENCHMARKS.md, section 0). A
 generator that reads number words draws one object for "a square" and four for "four
-squares"; one that reads shape words draws mostly squares for either.
+squares"; one that reads shape words draws mostly squares for either. Unprompted, it should
+draw as many objects as its training renders hold (1.75 on average).
 
     python -m bench.world_counts [--world DIR] [--prompts 48] [--out FILE.json]
 
@@ -28,8 +29,23 @@ PROMPTS = (
 )
 
 
-def run(world: str | None, samples: int, guidance: float = 1.0) -> dict:
+def count_objects(gen, judge, prompt: str, samples: int, recipe) -> dict:
+    """The judge's detections in ``samples`` samples (seeds 0, 1, ...) of ``prompt``: how many
+    images hold each number of objects, the mean number, and the shapes."""
     from collections import Counter
+
+    from rlhf.world.sampling import sample_world
+
+    dets = judge.detect(sample_world(None, [prompt] * samples, recipe, gen=gen))
+    counts = Counter(len(d) for d in dets)
+    return {
+        "objects": {str(k): counts[k] for k in sorted(counts)},
+        "mean_objects": sum(len(d) for d in dets) / samples,
+        "shapes": dict(Counter(o.shape for d in dets for o in d).most_common()),
+    }
+
+
+def run(world: str | None, samples: int, guidance: float = 1.0) -> dict:
     from dataclasses import replace
 
     import torch
@@ -37,7 +53,7 @@ def run(world: str | None, samples: int, guidance: float = 1.0) -> dict:
     from rewards import world as W
     from rewards.world.judge import Judge
     from rlhf.world.build import Recipe
-    from rlhf.world.sampling import load_world_generator, sample_world
+    from rlhf.world.sampling import load_world_generator
 
     torch.set_num_threads(1)
     root = Path(world) if world else W.ASSETS
@@ -46,15 +62,8 @@ def run(world: str | None, samples: int, guidance: float = 1.0) -> dict:
     judge = Judge.load(W.JUDGE_DIR)
     recipe = replace(Recipe(), guidance=guidance)
     out = {"suite": "world_counts", "sd3": str(sd3), "samples": samples, "guidance": guidance}
-    for prompt in PROMPTS:
-        dets = judge.detect(sample_world(None, [prompt] * samples, recipe, gen=gen))
-        counts = Counter(len(d) for d in dets)
-        shapes = Counter(o.shape for d in dets for o in d)
-        out[prompt] = {
-            "objects": {str(k): counts[k] for k in sorted(counts)},
-            "mean_objects": sum(len(d) for d in dets) / samples,
-            "shapes": dict(shapes.most_common()),
-        }
+    for prompt in ("",) + PROMPTS:
+        out[prompt] = count_objects(gen, judge, prompt, samples, recipe)
     return out
 
 

@@ -81,10 +81,12 @@ def run(
     align_stage: int = 0,
     align_weight: float = 0.5,
     align_block: int = 1,
+    weight_below: float = 1.0,
 ) -> dict:
     import torch
     from diffusers import SD3Transformer2DModel
 
+    from bench.world_counts import count_objects
     from rewards import world
     from rewards.world import scenes as S
     from rewards.world.judge import Judge
@@ -154,6 +156,7 @@ def run(
         align=align,
         align_weight=align_weight,
         align_block=align_block,
+        weight_below=weight_below,
     )
     train_s = time.perf_counter() - t0
     if save:
@@ -181,6 +184,7 @@ def run(
         "text_lr": text_lr,
         "contrastive": contrastive,
         "easy_share": easy,
+        "weight_below": weight_below,
         "align": {"stage": align_stage, "weight": align_weight, "block": align_block},
         "vae": vae_dir or "shipped",
         "vae_factor": factor,
@@ -198,6 +202,10 @@ def run(
         },
         "batch": batch,
         "x0_geneval_mini": _x0_scores(gen, judge, prompts),
+        "mean_objects": {
+            p: count_objects(gen, judge, p, 96, recipe)["mean_objects"]
+            for p in ("", "a square", "four squares")
+        },
         "threads": torch.get_num_threads(),
     }
 
@@ -247,6 +255,12 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--align-weight", type=float, default=0.5)
     ap.add_argument("--align-block", type=int, default=1, help="the transformer block aligned")
+    ap.add_argument(
+        "--weight-below",
+        type=float,
+        default=1.0,
+        help="apply --object-weight only at timesteps below this (1: all)",
+    )
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     r = run(
@@ -271,6 +285,7 @@ def main(argv=None) -> int:
         a.align_stage,
         a.align_weight,
         a.align_block,
+        a.weight_below,
     )
     return emit(r, a.out)
 

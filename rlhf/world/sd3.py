@@ -236,10 +236,14 @@ def train_transformer(
     align: torch.Tensor | None = None,
     align_weight: float = 0.5,
     align_block: int = 1,
+    weight_below: float = 1.0,
 ):
     """Flow-matching pretraining of ``pipe.transformer`` on scaled ``latents (N, 4, h, w)``
     (16x16 from the factor-4 VAE) and their ``captions`` (see the module docstring);
-    ``weights (N, 1, h, w)`` weigh each latent pixel's squared error (:func:`latent_weights`);
+    ``weights (N, 1, h, w)`` weigh each latent pixel's squared error (:func:`latent_weights`)
+    at timesteps below ``weight_below`` (above it every pixel counts once: a weight that
+    depends on the clean image biases the regression toward what it weighs, and where the
+    layout is still open that means extra objects);
     timesteps are logit-normal with mean ``t_mean`` (above 0: more of them noisy, where
     layout and shape are decided). With ``text_lr`` above 0 the two text encoders train too, at that learning rate (each starts as
     the world CLIP's text tower; frozen, it separates shape and number words too little for the
@@ -309,7 +313,13 @@ def train_transformer(
             # Contrastive flow matching: away from another sample's target (a batch roll),
             # so that flows under different captions stay apart.
             err = err - contrastive * (v - target.roll(1, dims=0)).pow(2)
-        loss = (err * weights[idx]).mean() if weights is not None else err.mean()
+        if weights is not None:
+            w = weights[idx]
+            if weight_below < 1.0:
+                w = torch.where(t[:, None, None, None] < weight_below, w, torch.ones_like(w))
+            loss = (err * w).mean()
+        else:
+            loss = err.mean()
         if align is not None:
             sim = F.cosine_similarity(projector(tokens.pop("h")), align[idx], dim=-1)
             loss = loss - align_weight * sim.mean()

@@ -462,6 +462,53 @@ def test_representation_alignment_adds_the_projected_tokens_cosine_to_clip_featu
 
 
 @shipped
+def test_object_weights_apply_only_below_their_timestep(one_torch_thread):
+    import copy
+
+    from rlhf.world import sd3 as W
+    from rlhf.world.sampling import load_world_generator
+
+    pipe = load_world_generator(world.SD3_DIR).pipe
+    latents = torch.randn(8, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    captions = ["a red circle", "two squares", "a triangle", "a blue diamond"] * 2
+    weights = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 3
+
+    def first_loss(**kw):  # lr 0: the untouched model's loss on the same draws (seed 0)
+        return W.train_transformer(
+            copy.copy(pipe), latents, captions, 1, 8, lr=0.0, progress=False, **kw
+        )[0]
+
+    plain, weighted = first_loss(), first_loss(weights=weights)
+    assert weighted != pytest.approx(plain, rel=1e-3)
+    assert first_loss(weights=weights, weight_below=1.0) == weighted
+    assert first_loss(weights=weights, weight_below=0.0) == pytest.approx(plain, rel=1e-6)
+    # In between, each sample is weighted or not by its own timestep: redo the step by hand,
+    # with the draws train_transformer makes from seed 0.
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 8, (8,), generator=gen)
+    drop = torch.rand(8, generator=gen) < 0.1
+    t = torch.sigmoid(torch.randn(8, generator=gen))
+    noise = torch.randn(latents[idx].shape, generator=gen)
+    cut = float(t.median())
+    e, p, rows = W._encode_captions(pipe, captions, 1)
+    empty_e, empty_p = W._encode(pipe, [""], 1)
+    e = torch.where(drop[:, None, None], empty_e, e[rows[idx]])
+    p = torch.where(drop[:, None], empty_p, p[rows[idx]])
+    x0 = latents[idx]
+    xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+    with torch.no_grad():
+        v = pipe.transformer(
+            hidden_states=xt, timestep=t * 1000, encoder_hidden_states=e, pooled_projections=p
+        ).sample
+    err = (v - (noise - x0)).pow(2)
+    w = torch.where(t[:, None, None, None] < cut, weights[idx], torch.ones_like(weights[idx]))
+    assert (t < cut).any() and (t >= cut).any()
+    mixed = first_loss(weights=weights, weight_below=cut)
+    assert mixed == pytest.approx((err * w).mean().item(), rel=1e-4)
+    assert mixed != pytest.approx(plain, rel=1e-3) and mixed != pytest.approx(weighted, rel=1e-3)
+
+
+@shipped
 def test_guidance_interval_probe_samples_as_the_project_sampler(one_torch_thread):
     from bench.world_guidance import sample_guided
     from rlhf.world.build import Recipe
