@@ -119,6 +119,7 @@ def train_world_sd3(folder: Path, out: Path, recipe: Recipe, seed: int, scale: s
         text_lr=recipe.sd3_text_lr,
         align=align,
         align_weight=recipe.sd3_align_weight,
+        weight_below=recipe.sd3_weight_below,
     )
     W.save_pipeline(pipe, folder)
 
