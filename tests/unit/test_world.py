@@ -371,6 +371,29 @@ def test_reward_judge_auc_counts_pairs_and_half_ties():
     assert auc(torch.tensor([0.5, 0.5]), torch.tensor([True, True])) is None
 
 
+def _first_step_by_hand(pipe, latents, captions, batch: int):
+    """The draws ``train_transformer`` makes from seed 0 for its first step of ``batch``, and the
+    untouched transformer's velocity on them: ``(idx, t, v, target)``."""
+    from rlhf.world import sd3 as W
+
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, len(latents), (batch,), generator=gen)
+    drop = torch.rand(batch, generator=gen) < 0.1
+    e, p, rows = W._encode_captions(pipe, captions, 1)
+    empty_e, empty_p = W._encode(pipe, [""], 1)
+    e = torch.where(drop[:, None, None], empty_e, e[rows[idx]])
+    p = torch.where(drop[:, None], empty_p, p[rows[idx]])
+    t = torch.sigmoid(torch.randn(batch, generator=gen))
+    noise = torch.randn(latents[idx].shape, generator=gen)
+    x0 = latents[idx]
+    xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+    with torch.no_grad():
+        v = pipe.transformer(
+            hidden_states=xt, timestep=t * 1000, encoder_hidden_states=e, pooled_projections=p
+        ).sample
+    return idx, t, v, noise - x0
+
+
 @shipped
 def test_contrastive_flow_matching_subtracts_the_distance_to_another_samples_target(
     one_torch_thread,
@@ -390,23 +413,7 @@ def test_contrastive_flow_matching_subtracts_the_distance_to_another_samples_tar
         copy.copy(pipe), latents, captions, 1, 4, lr=0.0, progress=False, contrastive=lam
     )
     # Redo the step by hand: the same draws (seed 0) and the rolled batch's target.
-    gen = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    idx = torch.randint(0, 4, (4,), generator=gen)
-    drop = torch.rand(4, generator=gen) < 0.1
-    e, p, rows = W._encode_captions(pipe, captions, 1)
-    empty_e, empty_p = W._encode(pipe, [""], 1)
-    e = torch.where(drop[:, None, None], empty_e, e[rows[idx]])
-    p = torch.where(drop[:, None], empty_p, p[rows[idx]])
-    t = torch.sigmoid(torch.randn(4, generator=gen))
-    noise = torch.randn(latents[idx].shape, generator=gen)
-    x0 = latents[idx]
-    xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
-    with torch.no_grad():
-        v = pipe.transformer(
-            hidden_states=xt, timestep=t * 1000, encoder_hidden_states=e, pooled_projections=p
-        ).sample
-    target = noise - x0
+    _, _, v, target = _first_step_by_hand(pipe, latents, captions, 4)
     negative = (v - target.roll(1, dims=0)).pow(2).mean().item()
     assert plain[0] == pytest.approx((v - target).pow(2).mean().item(), rel=1e-4)
     assert both[0] == pytest.approx(plain[0] - lam * negative, rel=1e-4)
@@ -484,23 +491,9 @@ def test_object_weights_apply_only_below_their_timestep(one_torch_thread):
     assert first_loss(weights=weights, weight_below=0.0) == pytest.approx(plain, rel=1e-6)
     # In between, each sample is weighted or not by its own timestep: redo the step by hand,
     # with the draws train_transformer makes from seed 0.
-    gen = torch.Generator().manual_seed(0)
-    idx = torch.randint(0, 8, (8,), generator=gen)
-    drop = torch.rand(8, generator=gen) < 0.1
-    t = torch.sigmoid(torch.randn(8, generator=gen))
-    noise = torch.randn(latents[idx].shape, generator=gen)
+    idx, t, v, target = _first_step_by_hand(pipe, latents, captions, 8)
     cut = float(t.median())
-    e, p, rows = W._encode_captions(pipe, captions, 1)
-    empty_e, empty_p = W._encode(pipe, [""], 1)
-    e = torch.where(drop[:, None, None], empty_e, e[rows[idx]])
-    p = torch.where(drop[:, None], empty_p, p[rows[idx]])
-    x0 = latents[idx]
-    xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
-    with torch.no_grad():
-        v = pipe.transformer(
-            hidden_states=xt, timestep=t * 1000, encoder_hidden_states=e, pooled_projections=p
-        ).sample
-    err = (v - (noise - x0)).pow(2)
+    err = (v - target).pow(2)
     w = torch.where(t[:, None, None, None] < cut, weights[idx], torch.ones_like(weights[idx]))
     assert (t < cut).any() and (t >= cut).any()
     mixed = first_loss(weights=weights, weight_below=cut)
