@@ -29,13 +29,13 @@ def _probe_steps(pipe, latents, captions, batch: int, seconds: float, lr: float)
     """(steps that fit in ``seconds``, seconds per step), timed on 10 steps of a copy."""
     import copy
 
-    from rlhf.world import sd3 as W
+    from rlhf.world import flow_matching as FM
 
     probe = copy.copy(pipe)
     probe.transformer = copy.deepcopy(pipe.transformer)
     t = time.perf_counter()
     n = 2 * batch  # a few captions: encoding every distinct caption would count in the probe
-    W.train_transformer(probe, latents[:n], captions[:n], 10, batch, lr=lr, progress=False)
+    FM.train_transformer(probe, latents[:n], captions[:n], 10, batch, lr=lr, progress=False)
     per_step = (time.perf_counter() - t) / 10
     return max(10, int(seconds / per_step)), per_step
 
@@ -82,6 +82,7 @@ def run(
     align_weight: float = 0.5,
     align_block: int = 1,
     weight_below: float = 1.0,
+    category: str | None = None,
 ) -> dict:
     import torch
     from diffusers import SD3Transformer2DModel
@@ -90,6 +91,7 @@ def run(
     from rewards import world
     from rewards.world import scenes as S
     from rewards.world.judge import Judge
+    from rlhf.world import flow_matching as FM
     from rlhf.world import sd3 as W
     from rlhf.world.build import Recipe
     from rlhf.world.sampling import (
@@ -125,23 +127,23 @@ def run(
     gen.pipe.transformer = SD3Transformer2DModel(**cfg)
     params = sum(p.numel() for p in gen.transformer.parameters())
     t0 = time.perf_counter()
-    renders, captions, cover = _sd3_data(images, 0, masks=True, easy=easy)
+    renders, captions, cover = _sd3_data(images, 0, masks=True, easy=easy, category=category)
     latents = W.encode_latents(gen.vae, renders)
     factor = gen.vae_scale_factor
-    weights = W.latent_weights(cover, object_weight, factor) if object_weight else None
+    weights = FM.latent_weights(cover, object_weight, factor) if object_weight else None
     align = None
     if align_stage:
         from rewards.world.clip import load_clip
 
         clip_model, _ = load_clip(world.CLIP_DIR)
         grid = S.SIZE // factor // patch
-        align = W.clip_token_features(clip_model.eval(), renders, grid, align_stage)
+        align = FM.clip_token_features(clip_model.eval(), renders, grid, align_stage)
     data_s = time.perf_counter() - t0
     per_step = None
     if steps is None:
         steps, per_step = _probe_steps(gen.pipe, latents, captions, batch, seconds, lr)
     t0 = time.perf_counter()
-    losses = W.train_transformer(
+    losses = FM.train_transformer(
         gen.pipe,
         latents,
         captions,
@@ -163,6 +165,8 @@ def run(
         W.save_pipeline(gen.pipe, save)  # weights rounded to fp16, as a loaded world's are
     judge = Judge.load(world.JUDGE_DIR)
     specs = eval_specs(prompts)
+    if category:  # trained on one category: judged on its held-out prompts only
+        specs = [s for s in specs if s.category == category]
     by_guidance = {}
     for g in guidances:
         samples = sample_world(
@@ -170,7 +174,9 @@ def run(
         )
         score = judge.score(specs, samples)
         score.pop("per_image", None)
-        chance = judge.score(chance_specs(specs), samples)
+        # Chance: each image against another held-out prompt (of its category, as always).
+        others = specs[1:] + specs[:1] if category else chance_specs(specs)
+        chance = judge.score(others, samples)
         chance.pop("per_image", None)
         by_guidance[g] = (score, chance)
     score, chance = by_guidance[guidances[0]]
@@ -185,6 +191,7 @@ def run(
         "contrastive": contrastive,
         "easy_share": easy,
         "weight_below": weight_below,
+        "category": category,
         "align": {"stage": align_stage, "weight": align_weight, "block": align_block},
         "vae": vae_dir or "shipped",
         "vae_factor": factor,
@@ -261,6 +268,9 @@ def main(argv=None) -> int:
         default=1.0,
         help="apply --object-weight only at timesteps below this (1: all)",
     )
+    ap.add_argument(
+        "--category", default=None, help="train (and judge) on this GenEval category only"
+    )
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     r = run(
@@ -286,6 +296,7 @@ def main(argv=None) -> int:
         a.align_weight,
         a.align_block,
         a.weight_below,
+        a.category,
     )
     return emit(r, a.out)
 

@@ -58,14 +58,14 @@ class Recipe:
     # keeps them the frozen CLIP text tower. 1e-3 did not help in a full build (BENCHMARKS.md
     # section 0: GenEval-mini 0.217 against a chance level of 0.179).
     sd3_text_lr: float = 0.0
-    # The SD3's loss counts object pixels 1 + sd3_object_weight times (rlhf.world.sd3.latent_weights)
+    # The SD3's loss counts object pixels 1 + sd3_object_weight times (rlhf.world.flow_matching.latent_weights)
     # at timesteps below sd3_weight_below (1.0: all).
     sd3_object_weight: float = 4.0
     sd3_weight_below: float = 1.0
     sd3_patch: int = 2
     # Representation alignment (REPA): the SD3's tokens after block 1 are pulled toward the
     # world CLIP's ResNet features after this stage (1-4; 0: off) with this weight
-    # (rlhf.world.sd3.train_transformer's ``align``).
+    # (rlhf.world.flow_matching.train_transformer's ``align``).
     sd3_align_stage: int = 0
     sd3_align_weight: float = 0.5
     ict_prompts: int = 600

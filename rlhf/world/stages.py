@@ -14,6 +14,7 @@ from rewards.world import clip as C
 from rewards.world import scenes as S
 from rewards.world.judge import Judge, train_judge
 from rewards.world.judge_eval import evaluate_judge
+from rlhf.world import flow_matching as FM
 from rlhf.world import sd3 as W
 from rlhf.world.sampling import eval_specs, sample_world
 
@@ -23,18 +24,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _sd3_data(n: int, seed: int, masks: bool = False, easy: float = 0.6):
+def _sd3_data(
+    n: int, seed: int, masks: bool = False, easy: float = 0.6, category: str | None = None
+):
     """Renders and captions for the generator: a share ``easy`` of easy prompts drawn plainly,
     the rest refined prompts drawn with their detail (five eighths) and full descriptions of
     either (three eighths); with ``masks``, also each render's object coverage
-    ``(n, SIZE, SIZE)`` (:func:`rewards.world.scenes.object_mask`)."""
+    ``(n, SIZE, SIZE)`` (:func:`rewards.world.scenes.object_mask`). ``category``: prompts of
+    that GenEval category only (None: the six alike)."""
     refined = easy + (1.0 - easy) * 0.625
     images = np.empty((n, S.SIZE, S.SIZE, 3), np.uint8)
     cover = np.zeros((n, S.SIZE, S.SIZE), np.float32) if masks else None
     captions = []
     for i in range(n):
         rng = np.random.default_rng((seed, 7, i))
-        spec = S.sample_spec(rng)
+        spec = S.sample_spec(rng, category)
         u = rng.random()
         detail = S.sample_detail(rng) if u >= easy else None
         scene = S.scene_for(spec, rng, detail)
@@ -106,8 +110,8 @@ def train_world_sd3(folder: Path, out: Path, recipe: Recipe, seed: int, scale: s
     align = None
     if recipe.sd3_align_stage:
         grid = S.SIZE // recipe.vae_factor // recipe.sd3_patch
-        align = W.clip_token_features(model.eval(), images, grid, recipe.sd3_align_stage)
-    W.train_transformer(
+        align = FM.clip_token_features(model.eval(), images, grid, recipe.sd3_align_stage)
+    FM.train_transformer(
         pipe,
         latents,
         captions,
@@ -115,7 +119,7 @@ def train_world_sd3(folder: Path, out: Path, recipe: Recipe, seed: int, scale: s
         recipe.sd3_batch,
         seed=seed,
         progress=True,
-        weights=W.latent_weights(cover, recipe.sd3_object_weight, recipe.vae_factor),
+        weights=FM.latent_weights(cover, recipe.sd3_object_weight, recipe.vae_factor),
         text_lr=recipe.sd3_text_lr,
         align=align,
         align_weight=recipe.sd3_align_weight,

@@ -41,7 +41,7 @@ def test_scenes_meet_their_specs_by_the_renderer_truth():
 
 
 def test_object_mask_covers_exactly_the_drawn_objects_and_weights_them():
-    from rlhf.world import sd3 as W
+    from rlhf.world import flow_matching as FM
 
     rng = np.random.default_rng(3)
     for _ in range(20):
@@ -58,10 +58,10 @@ def test_object_mask_covers_exactly_the_drawn_objects_and_weights_them():
         )
     cover = np.zeros((2, S.SIZE, S.SIZE), np.float32)
     cover[0, :16, :16] = 1.0
-    w = W.latent_weights(cover, 4.0)
+    w = FM.latent_weights(cover, 4.0)
     assert w.shape == (2, 1, 16, 16) and torch.isclose(w.mean(), torch.tensor(1.0))
     assert torch.isclose(w[0, 0, 0, 0] / w[1, 0, 0, 0], torch.tensor(5.0))
-    w2 = W.latent_weights(cover, 4.0, factor=2)
+    w2 = FM.latent_weights(cover, 4.0, factor=2)
     assert w2.shape == (2, 1, 32, 32) and torch.isclose(w2.mean(), torch.tensor(1.0))
 
 
@@ -243,6 +243,7 @@ def test_sd3_pretraining_encodes_each_distinct_caption_once_and_alike():
 
 @shipped
 def test_sd3_text_states_with_gradients_equal_the_pipelines_encoding_and_train(one_torch_thread):
+    from rlhf.world import flow_matching as FM
     from rlhf.world import sd3 as W
     from rlhf.world.sampling import load_world_generator
 
@@ -257,7 +258,7 @@ def test_sd3_text_states_with_gradients_equal_the_pipelines_encoding_and_train(o
     # prompts with the trained ones (what save_pipeline ships).
     before = [t.clone() for t in pipe.text_encoder.parameters()]
     latents = torch.randn(4, 4, 16, 16)
-    W.train_transformer(pipe, latents, captions + ["a square"], 2, 4, progress=False, text_lr=1e-3)
+    FM.train_transformer(pipe, latents, captions + ["a square"], 2, 4, progress=False, text_lr=1e-3)
     assert not any(t.requires_grad for t in pipe.text_encoder.parameters())
     moved = [not torch.equal(a, b) for a, b in zip(before, pipe.text_encoder.parameters())]
     assert any(moved)
@@ -400,16 +401,16 @@ def test_contrastive_flow_matching_subtracts_the_distance_to_another_samples_tar
 ):
     import copy
 
-    from rlhf.world import sd3 as W
+    from rlhf.world import flow_matching as FM
     from rlhf.world.sampling import load_world_generator
 
     pipe = load_world_generator(world.SD3_DIR).pipe
     latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     captions = ["a red circle", "two squares", "a triangle", "a blue diamond"]
     # lr 0: the first step's loss is the untouched model's, the same draws for both.
-    plain = W.train_transformer(copy.copy(pipe), latents, captions, 1, 4, lr=0.0, progress=False)
+    plain = FM.train_transformer(copy.copy(pipe), latents, captions, 1, 4, lr=0.0, progress=False)
     lam = 0.2
-    both = W.train_transformer(
+    both = FM.train_transformer(
         copy.copy(pipe), latents, captions, 1, 4, lr=0.0, progress=False, contrastive=lam
     )
     # Redo the step by hand: the same draws (seed 0) and the rolled batch's target.
@@ -425,7 +426,7 @@ def test_representation_alignment_adds_the_projected_tokens_cosine_to_clip_featu
 ):
     import copy
 
-    from rlhf.world import sd3 as W
+    from rlhf.world import flow_matching as FM
     from rlhf.world.sampling import load_world_generator
 
     clip_model, _ = C.load_clip(world.CLIP_DIR)
@@ -433,7 +434,7 @@ def test_representation_alignment_adds_the_projected_tokens_cosine_to_clip_featu
     renders = np.stack(
         [S.to_uint8(S.render(S.scene_for(S.sample_spec(rng), rng), rng)) for _ in range(4)]
     )
-    feats = W.clip_token_features(clip_model.eval(), renders, grid=8, stage=2, batch=3)
+    feats = FM.clip_token_features(clip_model.eval(), renders, grid=8, stage=2, batch=3)
     # Stage 2 of the ResNet is already 8x8 (8 px cells): the targets are its map, row-major.
     with torch.no_grad():
         v = clip_model.visual
@@ -444,12 +445,12 @@ def test_representation_alignment_adds_the_projected_tokens_cosine_to_clip_featu
     pipe = load_world_generator(world.SD3_DIR).pipe
     latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     captions = ["a red circle", "two squares", "a triangle", "a blue diamond"]
-    plain = W.train_transformer(copy.copy(pipe), latents, captions, 1, 4, lr=0.0, progress=False)
+    plain = FM.train_transformer(copy.copy(pipe), latents, captions, 1, 4, lr=0.0, progress=False)
     blocks = []
     hook = pipe.transformer.transformer_blocks[1].register_forward_hook(
         lambda _m, _i, out: blocks.append(out[1].detach())
     )
-    aligned = W.train_transformer(
+    aligned = FM.train_transformer(
         copy.copy(pipe), latents, captions, 1, 4, lr=0.0, progress=False, align=feats
     )
     hook.remove()
@@ -472,7 +473,7 @@ def test_representation_alignment_adds_the_projected_tokens_cosine_to_clip_featu
 def test_object_weights_apply_only_below_their_timestep(one_torch_thread):
     import copy
 
-    from rlhf.world import sd3 as W
+    from rlhf.world import flow_matching as FM
     from rlhf.world.sampling import load_world_generator
 
     pipe = load_world_generator(world.SD3_DIR).pipe
@@ -481,7 +482,7 @@ def test_object_weights_apply_only_below_their_timestep(one_torch_thread):
     weights = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 3
 
     def first_loss(**kw):  # lr 0: the untouched model's loss on the same draws (seed 0)
-        return W.train_transformer(
+        return FM.train_transformer(
             copy.copy(pipe), latents, captions, 1, 8, lr=0.0, progress=False, **kw
         )[0]
 
@@ -499,6 +500,17 @@ def test_object_weights_apply_only_below_their_timestep(one_torch_thread):
     mixed = first_loss(weights=weights, weight_below=cut)
     assert mixed == pytest.approx((err * w).mean().item(), rel=1e-4)
     assert mixed != pytest.approx(plain, rel=1e-3) and mixed != pytest.approx(weighted, rel=1e-3)
+
+
+def test_sd3_data_takes_its_mix_and_category_from_the_caller():
+    from rlhf.world.stages import _sd3_data
+
+    images, captions = _sd3_data(40, 0, easy=1.0, category="colors")
+    assert images.shape == (40, S.SIZE, S.SIZE, 3)
+    assert {S.parse_prompt(c).category for c in captions} == {"colors"}
+    assert all("," not in c for c in captions)  # easy prompts only: no refined detail
+    _, mixed = _sd3_data(40, 0)  # the build's mix: refined prompts among the easy ones
+    assert any("," in c for c in mixed) and any("," not in c for c in mixed)
 
 
 @shipped

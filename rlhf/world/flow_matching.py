@@ -1,0 +1,208 @@
+"""Flow-matching pretraining of the world's tiny SD3 transformer (:mod:`rlhf.world.sd3` holds
+its configuration, the VAE and the pipeline).
+
+Training follows SD3's recipe at toy size: latents ``(z - shift) * scale`` from the frozen VAE,
+``x_t = (1 - t) x_0 + t ε`` with ``t`` logit-normal, the transformer regresses ``ε - x_0``;
+10% of captions are dropped to the empty prompt so classifier-free guidance works. Options the
+world's pilots measured (BENCHMARKS.md section 0): object-weighted errors, trained text
+encoders, contrastive flow matching and representation alignment.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rlhf.world.sd3 import _caption_rows, _cosine, _encode, _encode_captions, _tokenize, text_states
+
+
+def train_transformer(
+    pipe,
+    latents: torch.Tensor,
+    captions: list[str],
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 5e-4,
+    drop_caption: float = 0.1,
+    max_sequence_length: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+    weights: torch.Tensor | None = None,
+    t_mean: float = 0.0,
+    text_lr: float = 0.0,
+    contrastive: float = 0.0,
+    align: torch.Tensor | None = None,
+    align_weight: float = 0.5,
+    align_block: int = 1,
+    weight_below: float = 1.0,
+):
+    """Flow-matching pretraining of ``pipe.transformer`` on scaled ``latents (N, 4, h, w)``
+    (16x16 from the factor-4 VAE) and their ``captions`` (see the module docstring);
+    ``weights (N, 1, h, w)`` weigh each latent pixel's squared error (:func:`latent_weights`)
+    at timesteps below ``weight_below`` (above it every pixel counts once: a weight that
+    depends on the clean image biases the regression toward what it weighs, and where the
+    layout is still open that means extra objects);
+    timesteps are logit-normal with mean ``t_mean`` (above 0: more of them noisy, where
+    layout and shape are decided). With ``text_lr`` above 0 the two text encoders train too, at that learning rate (each starts as
+    the world CLIP's text tower; frozen, it separates shape and number words too little for the
+    transformer to follow them). ``contrastive`` above 0 subtracts that multiple of the squared
+    distance to another sample's target (contrastive flow matching, Stoica et al. 2025, whose
+    ImageNet runs use 0.05). ``align (N, tokens, C)``: a pretrained encoder's features of each
+    clean image on the transformer's token grid (:func:`clip_token_features`); the image tokens
+    after block ``align_block``, through a small projector trained alongside (and dropped),
+    are pulled toward them by ``align_weight`` times their negative cosine similarity
+    (representation alignment, REPA, Yu et al. 2024, whose weight is 0.5). Returns the
+    per-step losses."""
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    model = pipe.transformer
+    model.train().requires_grad_(True)
+    aligner = _Aligner(model, align, align_weight, align_block) if align is not None else None
+    groups = [
+        {"params": list(model.parameters()) + (aligner.params() if aligner else []), "lr": lr}
+    ]
+    conditions = _Conditions(pipe, captions, max_sequence_length, trained=text_lr > 0)
+    if text_lr > 0:
+        groups.append({"params": conditions.params(), "lr": text_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0, betas=(0.9, 0.99))
+    sched = _cosine(opt, steps)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    bar = tqdm(range(steps), desc="world-sd3", disable=not progress, mininterval=5)
+    try:
+        for _ in bar:
+            idx = torch.randint(0, len(latents), (batch_size,), generator=gen)
+            x0 = latents[idx]
+            e, p = conditions(idx, torch.rand(batch_size, generator=gen) < drop_caption)
+            t = torch.sigmoid(t_mean + torch.randn(batch_size, generator=gen))  # logit-normal
+            noise = torch.randn(x0.shape, generator=gen)
+            xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+            v = model(
+                hidden_states=xt, timestep=t * 1000, encoder_hidden_states=e, pooled_projections=p
+            ).sample
+            target = noise - x0
+            err = (v - target).pow(2)
+            if contrastive > 0:
+                # Contrastive flow matching: away from another sample's target (a batch roll),
+                # so that flows under different captions stay apart.
+                err = err - contrastive * (v - target.roll(1, dims=0)).pow(2)
+            if weights is not None:
+                w = weights[idx]
+                if weight_below < 1.0:
+                    w = torch.where(t[:, None, None, None] < weight_below, w, torch.ones_like(w))
+                err = err * w
+            loss = err.mean() + (aligner.loss(idx) if aligner else 0.0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([q for g in groups for q in g["params"]], 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", refresh=False)
+    finally:
+        if aligner:
+            aligner.remove()
+        model.eval().requires_grad_(False)
+        conditions.freeze()
+    return losses
+
+
+class _Conditions:
+    """The text conditioning of each training sample: ``(embeds, pooled)`` of its caption, or of
+    the empty prompt where the caption is dropped. Frozen encoders encode each distinct caption
+    once; ``trained`` ones encode the batch's token ids every step, with gradients."""
+
+    def __init__(self, pipe, captions: list[str], max_sequence_length: int, trained: bool):
+        self.pipe, self.msl, self.trained = pipe, max_sequence_length, trained
+        self.encoders = (pipe.text_encoder, pipe.text_encoder_2)
+        if trained:
+            for enc in self.encoders:
+                enc.train().requires_grad_(True)
+            distinct, self.row = _caption_rows(captions)
+            self.ids = _tokenize(pipe, distinct + [""])
+            self.empty_row = len(distinct)
+        else:
+            self.empty = _encode(pipe, [""], max_sequence_length)
+            self.embeds, self.pooled, self.row = _encode_captions(
+                pipe, captions, max_sequence_length
+            )
+
+    def params(self) -> list:
+        return [p for e in self.encoders for p in e.parameters()]
+
+    def __call__(self, idx: torch.Tensor, drop: torch.Tensor):
+        if self.trained:
+            rows = torch.where(drop, self.empty_row, self.row[idx])
+            return text_states(self.pipe, self.ids[rows], self.msl)
+        (empty_e, empty_p), rows = self.empty, self.row[idx]
+        e = torch.where(drop[:, None, None], empty_e, self.embeds[rows])
+        return e, torch.where(drop[:, None], empty_p, self.pooled[rows])
+
+    def freeze(self) -> None:
+        for enc in self.encoders:
+            enc.eval().requires_grad_(False)
+
+
+class _Aligner:
+    """Representation alignment (see :func:`train_transformer`): a projector of the image
+    tokens after ``block`` and the weighted negative cosine similarity to ``targets[idx]``."""
+
+    def __init__(self, model, targets: torch.Tensor, weight: float, block: int):
+        width = model.config.num_attention_heads * model.config.attention_head_dim
+        self.projector = torch.nn.Sequential(
+            torch.nn.Linear(width, 2 * width),
+            torch.nn.SiLU(),
+            torch.nn.Linear(2 * width, targets.shape[-1]),
+        )
+        self.targets, self.weight, self.tokens = targets, weight, {}
+        self.hook = model.transformer_blocks[block].register_forward_hook(
+            lambda _m, _i, out: self.tokens.__setitem__("h", out[1])
+        )
+
+    def params(self) -> list:
+        return list(self.projector.parameters())
+
+    def loss(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.projector(self.tokens.pop("h"))
+        return -self.weight * F.cosine_similarity(h, self.targets[idx], dim=-1).mean()
+
+    def remove(self) -> None:
+        self.hook.remove()
+
+
+@torch.no_grad()
+def clip_token_features(
+    clip_model, images: np.ndarray, grid: int, stage: int = 3, batch: int = 256
+):
+    """``(N, grid * grid, C)``: the world CLIP's ResNet image features after residual stage
+    ``stage`` (1-4: 16, 8, 4, 2 px cells of a 64 px image) of uint8 ``images (N, 64, 64, 3)``,
+    resized to the transformer's ``grid x grid`` tokens, in their row-major order (the targets
+    of :func:`train_transformer`'s ``align``)."""
+    from rewards.world.clip import pixels
+
+    visual = clip_model.visual
+    if not hasattr(visual, "layer4") or not 1 <= stage <= 4:
+        raise ValueError(
+            f"align stage={stage}: needs 1-4 and the world CLIP's ResNet image tower "
+            "(clip_vision: resnet)"
+        )
+    out = []
+    for i in range(0, len(images), batch):
+        x = visual.stem(pixels(images[i : i + batch]))
+        for layer in (visual.layer1, visual.layer2, visual.layer3, visual.layer4)[:stage]:
+            x = layer(x)
+        x = F.interpolate(x, size=(grid, grid), mode="bilinear", align_corners=False)
+        out.append(x.flatten(2).transpose(1, 2))
+    return torch.cat(out)
+
+
+def latent_weights(cover: np.ndarray, object_weight: float, factor: int = 4) -> torch.Tensor:
+    """``(N, 1, H/factor, W/factor)`` loss weights from object coverage ``cover (N, H, W)``:
+    ``1 + object_weight * coverage`` of each latent pixel, scaled to mean 1 over the data.
+    Objects cover about a tenth of a render, so an unweighted loss spends most of its signal
+    on the backdrop and barely any on what tells a circle from a square."""
+    c = F.avg_pool2d(torch.as_tensor(cover)[:, None], factor)
+    w = 1.0 + object_weight * c
+    return w / w.mean()
