@@ -4,10 +4,12 @@ generator that reads number words draws one object for "a square" and four for "
 squares"; one that reads shape words draws mostly squares for either. Unprompted, it should
 draw as many objects as its training renders hold (1.75 on average).
 
-    python -m bench.world_counts [--world DIR] [--prompts 48] [--out FILE.json]
+    python -m bench.world_counts [--world DIR] [--prompts 240] [--guidance 1.0] [--out FILE.json]
 
 ``--world`` is a built world or an SD3 diffusers folder (a pilot's ``--save``); ``--prompts``
-is the number of samples per prompt.
+is the number of samples per prompt. ``colour_prompts`` in the result: on the 160 held-out
+single-object colour prompts ("a red square"), how often the judge's top detection has the
+named colour, the named shape (chance 0.25), both, and how often one object is drawn.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bench.common import world_main
+from bench.common import emit
 
 PROMPTS = (
     "a square",
@@ -45,6 +47,26 @@ def count_objects(gen, judge, prompt: str, samples: int, recipe) -> dict:
     }
 
 
+def colour_prompts(gen, judge, recipe, n: int = 960) -> dict:
+    """The top detection against the ``colors`` prompts among ``eval_specs(n)``."""
+    from rlhf.world.sampling import eval_specs, sample_world
+
+    specs = [s for s in eval_specs(n) if s.category == "colors"]
+    dets = judge.detect(sample_world(None, [s.prompt() for s in specs], recipe, gen=gen))
+    top = [(d[0] if d else None, s) for d, s in zip(dets, specs)]
+
+    def share(ok) -> float:
+        return sum(1 for t, s in top if t is not None and ok(t, s)) / len(specs)
+
+    return {
+        "prompts": len(specs),
+        "colour": share(lambda t, s: t.colour == s.colours[0]),
+        "shape": share(lambda t, s: t.shape == s.shapes[0]),
+        "both": share(lambda t, s: (t.colour, t.shape) == (s.colours[0], s.shapes[0])),
+        "one_object": sum(len(d) == 1 for d in dets) / len(specs),
+    }
+
+
 def run(world: str | None, samples: int, guidance: float = 1.0) -> dict:
     from dataclasses import replace
 
@@ -64,11 +86,20 @@ def run(world: str | None, samples: int, guidance: float = 1.0) -> dict:
     out = {"suite": "world_counts", "sd3": str(sd3), "samples": samples, "guidance": guidance}
     for prompt in ("",) + PROMPTS:
         out[prompt] = count_objects(gen, judge, prompt, samples, recipe)
+    out["colour_prompts"] = colour_prompts(gen, judge, recipe)
     return out
 
 
 def main(argv=None) -> int:
-    return world_main(run, __doc__, argv)
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--world", default=None, help="a built world or SD3 folder (default: shipped)")
+    p.add_argument("--prompts", type=int, default=240, help="samples per prompt (default: 240)")
+    p.add_argument("--guidance", type=float, default=1.0, help="CFG scale (default: 1.0)")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    return emit(run(a.world, a.prompts, a.guidance), a.out)
 
 
 if __name__ == "__main__":
