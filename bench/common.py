@@ -21,14 +21,18 @@ def emit(result: dict, out: str | None) -> int:
     return 0
 
 
-def world_main(run, doc: str, argv=None) -> int:
-    """The command line of a world probe ``run(world, prompts)``: ``--world DIR`` (default:
-    the shipped world), ``--prompts N`` held-out prompts (default 240), ``--out FILE.json``."""
+def world_main(run, doc: str, argv=None, samples_help: str = "held-out prompts", **options) -> int:
+    """The command line of a world probe ``run(world, prompts, **options)``: ``--world DIR``
+    (default: the shipped world), ``--prompts N`` (default 240; ``samples_help`` says what they
+    count), ``--out FILE.json``, and per keyword ``name=(type, default, help)`` an option
+    ``--name`` handed to ``run`` by that name."""
     import argparse
 
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--world", default=None, help="a built world (default: the shipped one)")
-    p.add_argument("--prompts", type=int, default=240, help="held-out prompts (default: 240)")
+    p.add_argument("--prompts", type=int, default=240, help=f"{samples_help} (default: 240)")
+    for name, (kind, default, help_) in options.items():
+        p.add_argument(f"--{name}", type=kind, default=default, help=help_)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    return emit(run(a.world, a.prompts), a.out)
+    return emit(run(a.world, a.prompts, **{k: getattr(a, k) for k in options}), a.out)

@@ -1,8 +1,8 @@
 """What the world SD3 draws for a fixed prompt: the number of objects and the shapes the judge
-detects in 48 samples (seeds 0-47) of the empty prompt and of eight prompts (BENCHMARKS.md, section 0). A
-generator that reads number words draws one object for "a square" and four for "four
-squares"; one that reads shape words draws mostly squares for either. Unprompted, it should
-draw as many objects as its training renders hold (1.75 on average).
+detects in samples (seeds 0, 1, ...) of the empty prompt and of eight prompts (BENCHMARKS.md,
+section 0). A generator that reads number words draws one object for "a square" and four for
+"four squares"; one that reads shape words draws mostly squares for either. Unprompted, it
+should draw as many objects as its training renders hold (1.75 on average).
 
     python -m bench.world_counts [--world DIR] [--prompts 240] [--guidance 1.0] [--out FILE.json]
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bench.common import emit
+from bench.common import world_main
 
 PROMPTS = (
     "a square",
@@ -91,15 +91,13 @@ def run(world: str | None, samples: int, guidance: float = 1.0) -> dict:
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--world", default=None, help="a built world or SD3 folder (default: shipped)")
-    p.add_argument("--prompts", type=int, default=240, help="samples per prompt (default: 240)")
-    p.add_argument("--guidance", type=float, default=1.0, help="CFG scale (default: 1.0)")
-    p.add_argument("--out", default=None)
-    a = p.parse_args(argv)
-    return emit(run(a.world, a.prompts, a.guidance), a.out)
+    return world_main(
+        run,
+        __doc__,
+        argv,
+        samples_help="samples per prompt",
+        guidance=(float, 1.0, "CFG scale (default: 1.0)"),
+    )
 
 
 if __name__ == "__main__":

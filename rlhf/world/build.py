@@ -58,8 +58,8 @@ class Recipe:
     # keeps them the frozen CLIP text tower. 1e-3 did not help in a full build (BENCHMARKS.md
     # section 0: GenEval-mini 0.217 against a chance level of 0.179).
     sd3_text_lr: float = 0.0
-    # The SD3's loss counts object pixels 1 + sd3_object_weight times (rlhf.world.flow_matching.latent_weights)
-    # at timesteps below sd3_weight_below (1.0: all).
+    # The SD3's loss counts object pixels 1 + sd3_object_weight times
+    # (rlhf.world.flow_matching.latent_weights) at timesteps below sd3_weight_below (1.0: all).
     sd3_object_weight: float = 4.0
     sd3_weight_below: float = 1.0
     sd3_patch: int = 2

@@ -42,9 +42,9 @@ def train_transformer(
     ``weights (N, 1, h, w)`` weigh each latent pixel's squared error (:func:`latent_weights`)
     at timesteps below ``weight_below`` (above it every pixel counts once: a weight that
     depends on the clean image biases the regression toward what it weighs, and where the
-    layout is still open that means extra objects);
-    timesteps are logit-normal with mean ``t_mean`` (above 0: more of them noisy, where
-    layout and shape are decided). With ``text_lr`` above 0 the two text encoders train too, at that learning rate (each starts as
+    layout is still open that means extra objects); timesteps are logit-normal with mean
+    ``t_mean`` (above 0: more of them noisy, where layout and shape are decided). With
+    ``text_lr`` above 0 the two text encoders train too, at that learning rate (each starts as
     the world CLIP's text tower; frozen, it separates shape and number words too little for the
     transformer to follow them). ``contrastive`` above 0 subtracts that multiple of the squared
     distance to another sample's target (contrastive flow matching, Stoica et al. 2025, whose
