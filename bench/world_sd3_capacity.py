@@ -83,6 +83,7 @@ def run(
     align_block: int = 1,
     weight_below: float = 1.0,
     category: str | None = None,
+    radius: tuple[float, float] | None = None,
 ) -> dict:
     import torch
     from diffusers import SD3Transformer2DModel
@@ -102,6 +103,8 @@ def run(
     )
     from rlhf.world.stages import _sd3_data
 
+    if radius:  # objects of another size in every render (the shipped judge finds them)
+        S.RADIUS = tuple(radius)
     recipe = Recipe()
     batch = batch or recipe.sd3_batch
     gen = load_world_generator(world.SD3_DIR)
@@ -192,6 +195,7 @@ def run(
         "easy_share": easy,
         "weight_below": weight_below,
         "category": category,
+        "radius": list(S.RADIUS),
         "align": {"stage": align_stage, "weight": align_weight, "block": align_block},
         "vae": vae_dir or "shipped",
         "vae_factor": factor,
@@ -271,6 +275,13 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--category", default=None, help="train (and judge) on this GenEval category only"
     )
+    ap.add_argument(
+        "--radius",
+        type=float,
+        nargs=2,
+        default=None,
+        help="objects' radius range in px (default: the world's, 6.5 9.5)",
+    )
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     r = run(
@@ -297,6 +308,7 @@ def main(argv=None) -> int:
         a.align_block,
         a.weight_below,
         a.category,
+        a.radius,
     )
     return emit(r, a.out)
 

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 SIZE = 64
+RADIUS = (6.5, 9.5)  # px: an object's radius is drawn uniformly from this range
 SHAPES = ("circle", "square", "triangle", "diamond")
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "diamond": "diamonds"}
 COLOURS = {
@@ -175,7 +176,7 @@ def scene_for(spec: Spec, rng: np.random.Generator, detail: Detail | None = None
     colours = [c or str(rng.choice(list(COLOURS))) for c in spec.colours]
     if spec.category == "counting":
         colours = [str(rng.choice(list(COLOURS))) for _ in range(n)]
-    radii = [float(rng.uniform(6.5, 9.5)) for _ in range(n)]
+    radii = [float(rng.uniform(*RADIUS)) for _ in range(n)]
     if spec.category == "position":
         pts = _place_related(spec.relation, rng, radii)
     else:
@@ -187,7 +188,7 @@ def scene_for(spec: Spec, rng: np.random.Generator, detail: Detail | None = None
 def random_scene(rng: np.random.Generator, detail: Detail | None = None) -> Scene:
     """1-4 objects of any shapes and colours (the judge's training distribution)."""
     n = int(rng.integers(1, 5))
-    radii = [float(rng.uniform(6.5, 9.5)) for _ in range(n)]
+    radii = [float(rng.uniform(*RADIUS)) for _ in range(n)]
     objs = [
         Obj(str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS))), y, x, r)
         for y, x, r in _place(n, rng, radii)
