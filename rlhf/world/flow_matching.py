@@ -78,21 +78,12 @@ def train_transformer(
             e, p = conditions(idx, torch.rand(batch_size, generator=gen) < drop_caption)
             t = torch.sigmoid(t_mean + torch.randn(batch_size, generator=gen))  # logit-normal
             noise = torch.randn(x0.shape, generator=gen)
-            xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
-            v = model(
-                hidden_states=xt, timestep=t * 1000, encoder_hidden_states=e, pooled_projections=p
-            ).sample
-            target = noise - x0
-            err = (v - target).pow(2)
-            if contrastive > 0:
-                # Contrastive flow matching: away from another sample's target (a batch roll),
-                # so that flows under different captions stay apart.
-                err = err - contrastive * (v - target.roll(1, dims=0)).pow(2)
+            w = None
             if weights is not None:
                 w = weights[idx]
                 if weight_below < 1.0:
                     w = torch.where(t[:, None, None, None] < weight_below, w, torch.ones_like(w))
-                err = err * w
+            err = _flow_errors(model, x0, noise, t, e, p, contrastive, w)
             loss = err.mean() + (aligner.loss(idx) if aligner else 0.0)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -107,6 +98,24 @@ def train_transformer(
         model.eval().requires_grad_(False)
         conditions.freeze()
     return losses
+
+
+def _flow_errors(model, x0, noise, t, embeds, pooled, contrastive: float, weights) -> torch.Tensor:
+    """Per-element squared error of ``model``'s velocity at ``x_t = (1 - t) x0 + t noise``
+    against ``noise - x0``, less ``contrastive`` times the error against another sample's
+    target (contrastive flow matching), times ``weights`` where given."""
+    tt = t[:, None, None, None]
+    xt = (1 - tt) * x0 + tt * noise
+    v = model(
+        hidden_states=xt, timestep=t * 1000, encoder_hidden_states=embeds, pooled_projections=pooled
+    ).sample
+    target = noise - x0
+    err = (v - target).pow(2)
+    if contrastive > 0:
+        # Away from another sample's target (a batch roll), so that flows under different
+        # captions stay apart.
+        err = err - contrastive * (v - target.roll(1, dims=0)).pow(2)
+    return err * weights if weights is not None else err
 
 
 class _Conditions:
