@@ -84,6 +84,7 @@ def run(
     weight_below: float = 1.0,
     category: str | None = None,
     radius: tuple[float, float] | None = None,
+    init: str = "default",
 ) -> dict:
     import torch
     from diffusers import SD3Transformer2DModel
@@ -128,6 +129,8 @@ def run(
     cfg.update(num_layers=layers, num_attention_heads=heads, caption_projection_dim=32 * heads)
     torch.manual_seed(0)
     gen.pipe.transformer = SD3Transformer2DModel(**cfg)
+    if init == "adaln-zero":
+        W.adaln_zero_init(gen.pipe.transformer)
     params = sum(p.numel() for p in gen.transformer.parameters())
     t0 = time.perf_counter()
     renders, captions, cover = _sd3_data(images, 0, masks=True, easy=easy, category=category)
@@ -196,6 +199,7 @@ def run(
         "weight_below": weight_below,
         "category": category,
         "radius": list(S.RADIUS),
+        "init": init,
         "align": {"stage": align_stage, "weight": align_weight, "block": align_block},
         "vae": vae_dir or "shipped",
         "vae_factor": factor,
@@ -282,6 +286,12 @@ def main(argv=None) -> int:
         default=None,
         help="objects' radius range in px (default: the world's, 6.5 9.5)",
     )
+    ap.add_argument(
+        "--init",
+        choices=("default", "adaln-zero"),
+        default="default",
+        help="the transformer's initialisation: diffusers' default or DiT's adaLN-Zero",
+    )
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     r = run(
@@ -309,6 +319,7 @@ def main(argv=None) -> int:
         a.weight_below,
         a.category,
         a.radius,
+        a.init,
     )
     return emit(r, a.out)
 

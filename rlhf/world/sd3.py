@@ -227,6 +227,36 @@ def new_transformer(
     return SD3Transformer2DModel(**cfg)
 
 
+@torch.no_grad()
+def adaln_zero_init(model) -> None:
+    """DiT's initialisation (Peebles & Xie 2023) of an ``SD3Transformer2DModel`` trained from
+    scratch: Xavier-uniform linear layers and patch projection with zero biases, the timestep
+    MLP at std 0.02, and zero for every adaptive-norm modulation (each block's shift, scale
+    and gate, so every block starts as the identity) and for the output layer. Diffusers
+    leaves PyTorch's default init, meant to be overwritten by pretrained weights."""
+    import torch.nn as nn
+
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    proj = model.pos_embed.proj
+    nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+    nn.init.zeros_(proj.bias)
+    for lin in (
+        model.time_text_embed.timestep_embedder.linear_1,
+        model.time_text_embed.timestep_embedder.linear_2,
+    ):
+        nn.init.normal_(lin.weight, std=0.02)
+    modulations = [model.norm_out.linear, model.proj_out]
+    for block in model.transformer_blocks:
+        modulations += [block.norm1.linear, block.norm1_context.linear]
+    for lin in modulations:
+        nn.init.zeros_(lin.weight)
+        nn.init.zeros_(lin.bias)
+
+
 def save_pipeline(pipe, folder: str | Path) -> Path:
     """The diffusers folder, the transformer's and text encoders' weights in fp16 (half the
     bytes to ship; loading in fp32 upcasts them)."""

@@ -529,3 +529,37 @@ def test_guidance_interval_probe_samples_as_the_project_sampler(one_torch_thread
     # Guided only while sigma >= 0.5: the early steps as guided, then unguided.
     mixed = sample_guided(gen, cond, [0, 1, 2], 3, 2.0, 0.5)
     assert not torch.equal(mixed, sample_guided(gen, cond, [0, 1, 2], 3, 1.0, 0.0))
+
+
+def test_adaln_zero_init_makes_every_block_the_identity_and_still_trains(one_torch_thread):
+    from diffusers import SD3Transformer2DModel
+
+    from rlhf.world import sd3 as W
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(**W.transformer_config(8, 8, "full"))
+    W.adaln_zero_init(model)
+    x = torch.randn(2, 4, 16, 16)
+    args = dict(
+        timestep=torch.tensor([300.0, 700.0]),
+        encoder_hidden_states=torch.randn(2, 5, 16),
+        pooled_projections=torch.randn(2, 16),
+    )
+    out = model(hidden_states=x, **args).sample
+    assert out.shape == x.shape and torch.count_nonzero(out) == 0
+    # Zero gates: each block hands its image tokens through unchanged.
+    seen = []
+    hook = model.transformer_blocks[1].register_forward_hook(
+        lambda m, a, kw, o: seen.append((kw["hidden_states"], o[1])), with_kwargs=True
+    )
+    model(hidden_states=x, **args)
+    hook.remove()
+    assert torch.equal(seen[0][0], seen[0][1])
+    # The output layer gets a gradient at once (its input is not zero), then the rest do.
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        model(hidden_states=x, **args).sample.sub(x).pow(2).mean().backward()
+        opt.step()
+    assert torch.count_nonzero(model.proj_out.weight) > 0
+    assert torch.count_nonzero(model.transformer_blocks[0].norm1.linear.weight) > 0
