@@ -59,6 +59,32 @@ def _x0_scores(gen, judge, n: int) -> dict:
     return {t: r["geneval_mini"] for t, r in res.items()}
 
 
+def twin_data(n: int, seed: int, category: str | None = "colors"):
+    """``2 n`` renders and captions in twins (rows 2i, 2i + 1): one scene of ``category`` and
+    the same scene, drawn with the same pixel noise, with its first object's shape changed
+    (and the caption with it), for ``train_transformer(pair_weight=...)``."""
+    from dataclasses import replace as swap
+
+    import numpy as np
+
+    from rewards.world import scenes as S
+
+    images = np.empty((2 * n, S.SIZE, S.SIZE, 3), np.uint8)
+    captions = []
+    for i in range(n):
+        rng = np.random.default_rng((seed, 9, i))
+        spec = S.sample_spec(rng, category)
+        other = str(rng.choice([s for s in S.SHAPES if s != spec.shapes[0]]))
+        scene = S.scene_for(spec, rng)
+        objects = [swap(scene.objects[0], shape=other)] + scene.objects[1:]
+        twin = swap(scene, objects=objects)
+        twin_spec = swap(spec, shapes=[other] + spec.shapes[1:])
+        for j, (sc, sp) in enumerate(((scene, spec), (twin, twin_spec))):
+            images[2 * i + j] = S.to_uint8(S.render(sc, np.random.default_rng((seed, 10, i))))
+            captions.append(sp.prompt())
+    return images, captions
+
+
 def run(
     layers: int,
     heads: int,
@@ -85,6 +111,7 @@ def run(
     category: str | None = None,
     radius: tuple[float, float] | None = None,
     init: str = "default",
+    pair_weight: float = 0.0,
 ) -> dict:
     import torch
     from diffusers import SD3Transformer2DModel
@@ -133,7 +160,11 @@ def run(
         W.adaln_zero_init(gen.pipe.transformer)
     params = sum(p.numel() for p in gen.transformer.parameters())
     t0 = time.perf_counter()
-    renders, captions, cover = _sd3_data(images, 0, masks=True, easy=easy, category=category)
+    if pair_weight > 0:  # twins that differ in one shape, no refined renders
+        renders, captions = twin_data(images // 2, 0, category)
+        cover = None
+    else:
+        renders, captions, cover = _sd3_data(images, 0, masks=True, easy=easy, category=category)
     latents = W.encode_latents(gen.vae, renders)
     factor = gen.vae_scale_factor
     weights = FM.latent_weights(cover, object_weight, factor) if object_weight else None
@@ -165,6 +196,7 @@ def run(
         align_weight=align_weight,
         align_block=align_block,
         weight_below=weight_below,
+        pair_weight=pair_weight,
     )
     train_s = time.perf_counter() - t0
     if save:
@@ -200,6 +232,7 @@ def run(
         "category": category,
         "radius": list(S.RADIUS),
         "init": init,
+        "pair_weight": pair_weight,
         "align": {"stage": align_stage, "weight": align_weight, "block": align_block},
         "vae": vae_dir or "shipped",
         "vae_factor": factor,
@@ -292,6 +325,12 @@ def main(argv=None) -> int:
         default="default",
         help="the transformer's initialisation: diffusers' default or DiT's adaLN-Zero",
     )
+    ap.add_argument(
+        "--pair-weight",
+        type=float,
+        default=0.0,
+        help="train on twins that differ in one shape, with this weight on their difference",
+    )
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     r = run(
@@ -320,6 +359,7 @@ def main(argv=None) -> int:
         a.category,
         a.radius,
         a.init,
+        a.pair_weight,
     )
     return emit(r, a.out)
 

@@ -36,6 +36,7 @@ def train_transformer(
     align_weight: float = 0.5,
     align_block: int = 1,
     weight_below: float = 1.0,
+    pair_weight: float = 0.0,
 ):
     """Flow-matching pretraining of ``pipe.transformer`` on scaled ``latents (N, 4, h, w)``
     (16x16 from the factor-4 VAE) and their ``captions`` (see the module docstring);
@@ -52,8 +53,12 @@ def train_transformer(
     clean image on the transformer's token grid (:func:`clip_token_features`); the image tokens
     after block ``align_block``, through a small projector trained alongside (and dropped),
     are pulled toward them by ``align_weight`` times their negative cosine similarity
-    (representation alignment, REPA, Yu et al. 2024, whose weight is 0.5). Returns the
-    per-step losses."""
+    (representation alignment, REPA, Yu et al. 2024, whose weight is 0.5). ``pair_weight``
+    above 0: ``latents`` come in twins (rows 2i and 2i + 1: the same scene but for one word of
+    the caption, e.g. the shape); a batch holds whole twins under the same t and noise, and
+    the loss adds that multiple of the squared difference of the twins' residuals, i.e. the
+    error of the predicted *difference* the word makes (a pilot, BENCHMARKS.md section 0).
+    Returns the per-step losses."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
@@ -73,18 +78,30 @@ def train_transformer(
     bar = tqdm(range(steps), desc="world-sd3", disable=not progress, mininterval=5)
     try:
         for _ in bar:
-            idx = torch.randint(0, len(latents), (batch_size,), generator=gen)
+            if pair_weight > 0:  # whole twins, each under one t and one noise
+                half = torch.randint(0, len(latents) // 2, (batch_size // 2,), generator=gen)
+                idx = torch.stack([2 * half, 2 * half + 1], 1).flatten()
+            else:
+                idx = torch.randint(0, len(latents), (batch_size,), generator=gen)
             x0 = latents[idx]
-            e, p = conditions(idx, torch.rand(batch_size, generator=gen) < drop_caption)
-            t = torch.sigmoid(t_mean + torch.randn(batch_size, generator=gen))  # logit-normal
-            noise = torch.randn(x0.shape, generator=gen)
+            e, p = conditions(idx, torch.rand(len(idx), generator=gen) < drop_caption)
+            if pair_weight > 0:
+                t = torch.sigmoid(t_mean + torch.randn(len(idx) // 2, generator=gen))
+                t = t.repeat_interleave(2)
+                noise = torch.randn((len(idx) // 2, *x0.shape[1:]), generator=gen)
+                noise = noise.repeat_interleave(2, dim=0)
+            else:
+                t = torch.sigmoid(t_mean + torch.randn(batch_size, generator=gen))  # logit-normal
+                noise = torch.randn(x0.shape, generator=gen)
             w = None
             if weights is not None:
                 w = weights[idx]
                 if weight_below < 1.0:
                     w = torch.where(t[:, None, None, None] < weight_below, w, torch.ones_like(w))
-            err = _flow_errors(model, x0, noise, t, e, p, contrastive, w)
+            err, residual = _flow_errors(model, x0, noise, t, e, p, contrastive, w)
             loss = err.mean() + (aligner.loss(idx) if aligner else 0.0)
+            if pair_weight > 0:
+                loss = loss + pair_weight * (residual[0::2] - residual[1::2]).pow(2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([q for g in groups for q in g["params"]], 1.0)
@@ -100,10 +117,11 @@ def train_transformer(
     return losses
 
 
-def _flow_errors(model, x0, noise, t, embeds, pooled, contrastive: float, weights) -> torch.Tensor:
-    """Per-element squared error of ``model``'s velocity at ``x_t = (1 - t) x0 + t noise``
-    against ``noise - x0``, less ``contrastive`` times the error against another sample's
-    target (contrastive flow matching), times ``weights`` where given."""
+def _flow_errors(model, x0, noise, t, embeds, pooled, contrastive: float, weights):
+    """``(errors, residual)``: the per-element squared error of ``model``'s velocity at
+    ``x_t = (1 - t) x0 + t noise`` against ``noise - x0``, less ``contrastive`` times the error
+    against another sample's target (contrastive flow matching), times ``weights`` where
+    given; and the plain residual ``velocity - target``."""
     tt = t[:, None, None, None]
     xt = (1 - tt) * x0 + tt * noise
     v = model(
@@ -115,7 +133,7 @@ def _flow_errors(model, x0, noise, t, embeds, pooled, contrastive: float, weight
         # Away from another sample's target (a batch roll), so that flows under different
         # captions stay apart.
         err = err - contrastive * (v - target.roll(1, dims=0)).pow(2)
-    return err * weights if weights is not None else err
+    return (err * weights if weights is not None else err), v - target
 
 
 class _Conditions:

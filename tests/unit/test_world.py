@@ -585,3 +585,32 @@ def test_word_swap_probe_swaps_one_word_and_sees_the_colour_word_read(one_torch_
         out["colour"]["0.9"]["swapped_follows_caption"]
         > (out["colour"]["0.9"]["swapped_follows_render"])
     )
+
+
+def test_twin_loss_shares_t_and_noise_within_twins_and_adds_their_residual_gap(one_torch_thread):
+    import copy
+
+    from bench.world_sd3_capacity import twin_data
+    from rlhf.world import flow_matching as FM
+    from rlhf.world import sd3 as W
+    from rlhf.world.sampling import load_world_generator
+
+    images, captions = twin_data(4, 0)
+    assert captions[0] != captions[1] and captions[0].split()[:-1] == captions[1].split()[:-1]
+    assert 0 < (images[0] != images[1]).any(-1).sum() < 0.05 * S.SIZE**2  # only the outline
+    pipe = load_world_generator(world.SD3_DIR).pipe
+    z = W.encode_latents(pipe.vae, images)
+
+    def first_loss(latents, caps, w):  # lr 0: the untouched model, the same draws for any w
+        return FM.train_transformer(
+            copy.copy(pipe), latents, caps, 1, 8, lr=0.0, progress=False, pair_weight=w
+        )[0]
+
+    # Identical twins under one t and one noise have identical residuals: no gap to add.
+    same = z[0::2].repeat_interleave(2, dim=0)
+    same_caps = [c for c in captions[0::2] for _ in range(2)]
+    assert first_loss(same, same_caps, 4.0) == pytest.approx(first_loss(same, same_caps, 1.0))
+    # Real twins: the loss grows linearly in the weight, by a positive gap.
+    l1, l2, l4 = (first_loss(z, captions, w) for w in (1.0, 2.0, 4.0))
+    assert l2 - l1 > 1e-4
+    assert l4 - l2 == pytest.approx(2 * (l2 - l1), rel=1e-3)
