@@ -76,23 +76,17 @@ def train_transformer(
     gen = torch.Generator().manual_seed(seed)
     losses = []
     bar = tqdm(range(steps), desc="world-sd3", disable=not progress, mininterval=5)
+    k = 2 if pair_weight > 0 else 1  # samples per group: whole twins share one t and noise
     try:
         for _ in bar:
-            if pair_weight > 0:  # whole twins, each under one t and one noise
-                half = torch.randint(0, len(latents) // 2, (batch_size // 2,), generator=gen)
-                idx = torch.stack([2 * half, 2 * half + 1], 1).flatten()
-            else:
-                idx = torch.randint(0, len(latents), (batch_size,), generator=gen)
+            first = k * torch.randint(0, len(latents) // k, (batch_size // k,), generator=gen)
+            idx = (first[:, None] + torch.arange(k)).flatten()
             x0 = latents[idx]
             e, p = conditions(idx, torch.rand(len(idx), generator=gen) < drop_caption)
-            if pair_weight > 0:
-                t = torch.sigmoid(t_mean + torch.randn(len(idx) // 2, generator=gen))
-                t = t.repeat_interleave(2)
-                noise = torch.randn((len(idx) // 2, *x0.shape[1:]), generator=gen)
-                noise = noise.repeat_interleave(2, dim=0)
-            else:
-                t = torch.sigmoid(t_mean + torch.randn(batch_size, generator=gen))  # logit-normal
-                noise = torch.randn(x0.shape, generator=gen)
+            n = len(idx) // k
+            t = torch.sigmoid(t_mean + torch.randn(n, generator=gen))  # logit-normal
+            t = t.repeat_interleave(k)
+            noise = torch.randn((n, *x0.shape[1:]), generator=gen).repeat_interleave(k, dim=0)
             w = None
             if weights is not None:
                 w = weights[idx]
