@@ -101,13 +101,18 @@ def velocity(pipe, xt, t: float, embeds, pooled):
         ).sample
 
 
-def judge_latents(vae, judge, specs, latents) -> float:
-    """GenEval-mini of the VAE's decode of ``latents`` against ``specs`` (3 decimals)."""
+def decode_latents(vae, latents):
+    """The VAE's decode of scaled ``latents``, as images in [0, 1], no grad."""
     import torch
 
     with torch.no_grad():
         x = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor).sample
-    return round(judge.score(specs, ((x + 1) / 2).clamp(0, 1))["mean"], 3)
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+def judge_latents(vae, judge, specs, latents) -> float:
+    """GenEval-mini of the VAE's decode of ``latents`` against ``specs`` (3 decimals)."""
+    return round(judge.score(specs, decode_latents(vae, latents))["mean"], 3)
 
 
 def one_step_x0(pipe, judge, specs, z, g, times=TIMES) -> dict:

@@ -67,6 +67,7 @@ def twin_data(n: int, seed: int, category: str | None = "colors"):
 
     import numpy as np
 
+    from bench.world_shape_swap import swap_word
     from rewards.world import scenes as S
 
     images = np.empty((2 * n, S.SIZE, S.SIZE, 3), np.uint8)
@@ -74,11 +75,10 @@ def twin_data(n: int, seed: int, category: str | None = "colors"):
     for i in range(n):
         rng = np.random.default_rng((seed, 9, i))
         spec = S.sample_spec(rng, category)
-        other = str(rng.choice([s for s in S.SHAPES if s != spec.shapes[0]]))
+        twin_spec = swap_word(spec, "shape", rng)
         scene = S.scene_for(spec, rng)
-        objects = [swap(scene.objects[0], shape=other)] + scene.objects[1:]
+        objects = [swap(scene.objects[0], shape=twin_spec.shapes[0])] + scene.objects[1:]
         twin = swap(scene, objects=objects)
-        twin_spec = swap(spec, shapes=[other] + spec.shapes[1:])
         for j, (sc, sp) in enumerate(((scene, spec), (twin, twin_spec))):
             images[2 * i + j] = S.to_uint8(S.render(sc, np.random.default_rng((seed, 10, i))))
             captions.append(sp.prompt())

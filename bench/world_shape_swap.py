@@ -23,33 +23,42 @@ from pathlib import Path
 from bench.common import world_main
 
 TIMES = (0.3, 0.5, 0.7, 0.9)
+WORDS = ("shape", "colour")
 
 
-def _swap(spec, word: str, rng):
-    """``spec`` with another shape (``word == "shape"``) or colour, drawn from ``rng``."""
+def swap_word(spec, word: str, rng):
+    """``spec`` with its first shape (``word == "shape"``) or colour replaced by another,
+    drawn from ``rng``."""
     from dataclasses import replace
 
     from rewards.world.scenes import COLOURS, SHAPES
 
-    if word == "shape":
-        return replace(spec, shapes=[str(rng.choice([s for s in SHAPES if s != spec.shapes[0]]))])
-    others = [c for c in COLOURS if c != spec.colours[0]]
-    return replace(spec, colours=[str(rng.choice(others))])
+    field, pool = ("shapes", SHAPES) if word == "shape" else ("colours", COLOURS)
+    names = getattr(spec, field)
+    other = str(rng.choice([n for n in pool if n != names[0]]))
+    return replace(spec, **{field: [other] + names[1:]})
 
 
-def _value(spec, word: str) -> str:
+def _named(spec, word: str) -> str:
     return spec.shapes[0] if word == "shape" else spec.colours[0]
 
 
-def _top(pipe, judge, x0, word: str) -> list[str | None]:
-    """The judge's top detection's shape (or colour) in the decode of each latent of ``x0``."""
-    import torch
+def _drawn(detection, word: str) -> str | None:
+    if detection is None:
+        return None
+    return detection.shape if word == "shape" else detection.colour
 
-    vae = pipe.vae
-    with torch.no_grad():
-        x = vae.decode(x0 / vae.config.scaling_factor + vae.config.shift_factor).sample
-    dets = judge.detect(((x + 1) / 2).clamp(0, 1))
-    return [(d[0].shape if word == "shape" else d[0].colour) if d else None for d in dets]
+
+def _share(detections, answers, word: str) -> float:
+    """The share of ``detections`` whose ``word`` (shape or colour) is the answer's."""
+    return sum(_drawn(d, word) == a for d, a in zip(detections, answers)) / len(answers)
+
+
+def _top_detections(pipe, judge, x0) -> list:
+    """The judge's top detection (or None) in the decode of each latent of ``x0``."""
+    from bench.world_diagnose import decode_latents
+
+    return [d[0] if d else None for d in judge.detect(decode_latents(pipe.vae, x0))]
 
 
 def run(world: str | None, prompts: int) -> dict:
@@ -73,22 +82,22 @@ def run(world: str | None, prompts: int) -> dict:
     images = np.stack([S.to_uint8(S.render(S.scene_for(s, rng), rng)) for s in specs])
     z = sd3.encode_latents(pipe.vae, images)
     own_e, own_p = sd3._encode(pipe, [s.prompt() for s in specs], 1)
+    swapped = {w: [swap_word(s, w, rng) for s in specs] for w in WORDS}
+    encoded = {w: sd3._encode(pipe, [s.prompt() for s in swapped[w]], 1) for w in WORDS}
     out = {"suite": "world_shape_swap", "sd3": str(folder), "prompts": prompts}
-    for word in ("shape", "colour"):
-        swapped = [_swap(s, word, rng) for s in specs]
-        swap_e, swap_p = sd3._encode(pipe, [s.prompt() for s in swapped], 1)
-        truth = [_value(s, word) for s in specs]
-        named = [_value(s, word) for s in swapped]
-        g = torch.Generator().manual_seed(0)
-        out[word] = {}
-        for t in TIMES:
-            xt = (1 - t) * z + t * torch.randn(z.shape, generator=g)
-            own = _top(pipe, judge, xt - t * velocity(pipe, xt, t, own_e, own_p), word)
-            swap = _top(pipe, judge, xt - t * velocity(pipe, xt, t, swap_e, swap_p), word)
-            out[word][str(t)] = {
-                "own": float(np.mean([a == b for a, b in zip(own, truth)])),
-                "swapped_follows_render": float(np.mean([a == b for a, b in zip(swap, truth)])),
-                "swapped_follows_caption": float(np.mean([a == b for a, b in zip(swap, named)])),
+    out.update({w: {} for w in WORDS})
+    g = torch.Generator().manual_seed(0)
+    for t in TIMES:
+        xt = (1 - t) * z + t * torch.randn(z.shape, generator=g)
+        own = _top_detections(pipe, judge, xt - t * velocity(pipe, xt, t, own_e, own_p))
+        for w in WORDS:
+            swap = _top_detections(pipe, judge, xt - t * velocity(pipe, xt, t, *encoded[w]))
+            truth = [_named(s, w) for s in specs]
+            named = [_named(s, w) for s in swapped[w]]
+            out[w][str(t)] = {
+                "own": _share(own, truth, w),
+                "swapped_follows_render": _share(swap, truth, w),
+                "swapped_follows_caption": _share(swap, named, w),
             }
     return out
 

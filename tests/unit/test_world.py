@@ -566,12 +566,12 @@ def test_adaln_zero_init_makes_every_block_the_identity_and_still_trains(one_tor
 
 
 def test_word_swap_probe_swaps_one_word_and_sees_the_colour_word_read(one_torch_thread):
-    from bench.world_shape_swap import _swap, run
+    from bench.world_shape_swap import run, swap_word
 
     rng = np.random.default_rng(0)
     for _ in range(40):
         spec = S.sample_spec(rng, "colors")
-        shape, colour = _swap(spec, "shape", rng), _swap(spec, "colour", rng)
+        shape, colour = swap_word(spec, "shape", rng), swap_word(spec, "colour", rng)
         assert shape.shapes != spec.shapes and shape.colours == spec.colours
         assert colour.colours != spec.colours and colour.shapes == spec.shapes
     out = run(None, 24)
