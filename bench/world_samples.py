@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from bench.common import emit
+from rlhf.world.build import Recipe
 
 
 def run(world: str | None, n: int, prompts: int, steps: int, guidance: float, grid_path):
@@ -68,7 +69,12 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=24, help="samples in the grid (default: 24)")
     p.add_argument("--prompts", type=int, default=240, help="held-out prompts (default: 240)")
     p.add_argument("--steps", type=int, default=10, help="Euler steps (default: 10)")
-    p.add_argument("--guidance", type=float, default=1.0, help="CFG scale (default: 1.0)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=Recipe().guidance,
+        help=f"CFG scale (default: the build recipe's, {Recipe().guidance})",
+    )
     p.add_argument("--grid", default=None, help="write the grid here (PNG; prompts in .txt)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
