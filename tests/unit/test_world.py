@@ -277,12 +277,49 @@ def test_geneval_mini_is_refused_as_a_training_reward():
     assert "geneval_mini" in [s.name for s in cfg.eval_reward_specs()]
 
 
-# Measured on the shipped world (BENCHMARKS.md section 2, "the fine-tuning test"), one thread,
-# 48 held-out prompts: 120 DRaFT-K steps against the world CLIP score at lr 1e-3 raise the
-# held-out CLIP score 0.540 -> 0.575 and collapse GenEval-mini 0.229 -> 0.062 (the paper's
-# "CLIP as a reward collapses"). The same run against the shipped ICT lowers the held-out ICT
-# (0.584 -> 0.545) and GenEval-mini (0.229 -> 0.167): no GenEval-mini rise is true to assert.
+# Measured on the shipped world (BENCHMARKS.md section 2, "the fine-tuning tests"), one thread,
+# 48 held-out prompts and seeds. Against the shipped ICT, 200 DRaFT-K steps at lr 3e-4 raise
+# the held-out ICT 0.584 -> 0.600 and GenEval-mini 0.229 -> 0.271 (two images more; on 120
+# prompts 0.192 -> 0.233). At lr 1e-3 the same run lowers both (ICT 0.584 -> 0.545 in 120
+# steps): the better-trained SD3 needs the smaller step. Against the world CLIP score, 120
+# steps at lr 1e-3 raise the held-out CLIP score 0.540 -> 0.575 and collapse GenEval-mini
+# 0.229 -> 0.062 (the paper's "CLIP as a reward collapses"). Both runs are deterministic; the
+# GenEval-mini rise is asserted as a rise of at least one image (two measured), since one
+# image's verdict is the smallest change a numerically different CPU could make.
+ICT_STEPS, ICT_LR, ICT_RISE = 200, 3e-4, 0.01
 CLIP_STEPS, CLIP_LR, CLIP_RISE, GENEVAL_FALL = 120, 1e-3, 0.02, 0.10
+EVAL_PROMPTS = 48
+
+
+def _finetune_world_against(reward: dict, steps: int, lr: float) -> tuple[dict, dict]:
+    from rewards.registry import build_reward
+    from rlhf.world.experiments import finetune_world, world_config
+
+    cfg = world_config(
+        f"rewards={json.dumps([reward])}",
+        f"train.max_steps={steps}",
+        f"policy.engine.lr={lr}",
+        "train.batch_size=8",
+        f"prompts.synthetic_eval={EVAL_PROMPTS}",
+    )
+    out = finetune_world(cfg, scorers={reward["name"]: build_reward(reward)})
+    before, after = out["before"], out["after"]
+    name = reward["name"]
+    print(
+        f"{name} {before[name]:.3f} -> {after[name]:.3f}, GenEval-mini "
+        f"{before['geneval_mini']['mean']:.3f} -> {after['geneval_mini']['mean']:.3f}"
+    )
+    return before, after
+
+
+@shipped
+@pytest.mark.slow
+def test_finetuning_the_world_generator_against_ict_raises_ict_and_geneval(one_torch_thread):
+    ict = {"name": "ict", "checkpoint": str(world.ASSETS / "ict")}
+    before, after = _finetune_world_against(ict, ICT_STEPS, ICT_LR)
+    assert after["ict"] - before["ict"] >= ICT_RISE
+    rise = after["geneval_mini"]["mean"] - before["geneval_mini"]["mean"]
+    assert rise >= 1 / EVAL_PROMPTS - 1e-9
 
 
 @shipped
@@ -290,25 +327,11 @@ CLIP_STEPS, CLIP_LR, CLIP_RISE, GENEVAL_FALL = 120, 1e-3, 0.02, 0.10
 def test_finetuning_the_world_generator_on_clip_score_raises_it_and_collapses_geneval(
     one_torch_thread,
 ):
-    from rewards.registry import build_reward
-    from rlhf.world.experiments import finetune_world, world_config
-
     clip = {"name": "clip", "options": {"backbone": "world"}}
-    cfg = world_config(
-        f"rewards={json.dumps([clip])}",
-        f"train.max_steps={CLIP_STEPS}",
-        f"policy.engine.lr={CLIP_LR}",
-        "train.batch_size=8",
-        "prompts.synthetic_eval=48",
-    )
-    out = finetune_world(cfg, scorers={"clip": build_reward(clip)})
-    before, after = out["before"], out["after"]
-    geneval = before["geneval_mini"]["mean"], after["geneval_mini"]["mean"]
-    print(
-        f"CLIP {before['clip']:.3f} -> {after['clip']:.3f}, GenEval-mini {geneval[0]:.3f} -> {geneval[1]:.3f}"
-    )
+    before, after = _finetune_world_against(clip, CLIP_STEPS, CLIP_LR)
     assert after["clip"] - before["clip"] >= CLIP_RISE
-    assert geneval[0] - geneval[1] >= GENEVAL_FALL
+    fall = before["geneval_mini"]["mean"] - after["geneval_mini"]["mean"]
+    assert fall >= GENEVAL_FALL
 
 
 def test_world_clip_with_a_resnet_image_tower_trains_loads_and_freezes(tmp_path, one_torch_thread):
