@@ -281,15 +281,15 @@ def test_geneval_mini_is_refused_as_a_training_reward():
 # 48 held-out prompts and seeds. Against the shipped ICT, 200 DRaFT-K steps at lr 3e-4 raise
 # the held-out ICT 0.584 -> 0.600 and GenEval-mini 0.229 -> 0.271 (two images more; on 120
 # prompts 0.192 -> 0.233). At lr 1e-3 the same run lowers both (ICT 0.584 -> 0.545 in 120
-# steps): the better-trained SD3 needs the smaller step. Against the world CLIP score, 120
+# steps): the better-trained SD3 needs the smaller step. (Against the world CLIP score, 120
 # steps at lr 1e-3 raise the held-out CLIP score 0.540 -> 0.575 and collapse GenEval-mini
-# 0.229 -> 0.062 (the paper's "CLIP as a reward collapses"). Both runs are deterministic; the
-# GenEval-mini rise is asserted as a rise of at least one image (two measured), since one
-# image's verdict is the smallest change a numerically different CPU could make. It is not a
+# 0.229 -> 0.062, the paper's "CLIP as a reward collapses"; measured, not a test, to keep the
+# suite inside its 25 minutes.) The run is deterministic; the GenEval-mini rise is asserted
+# as a rise of at least one image (two measured), since one image's verdict is the smallest
+# change a numerically different CPU could make. It is not a
 # robust effect: table 2 (120 prompts) gives +ICT between +0.00 and +0.04 depending on the
 # ICT checkpoint, and +CLIP score up to +0.04 at this lr.
 ICT_STEPS, ICT_LR, ICT_RISE = 200, 3e-4, 0.01
-CLIP_STEPS, CLIP_LR, CLIP_RISE, GENEVAL_FALL = 120, 1e-3, 0.02, 0.10
 EVAL_PROMPTS = 48
 
 
@@ -322,18 +322,6 @@ def test_finetuning_the_world_generator_against_ict_raises_ict_and_geneval(one_t
     assert after["ict"] - before["ict"] >= ICT_RISE
     rise = after["geneval_mini"]["mean"] - before["geneval_mini"]["mean"]
     assert rise >= 1 / EVAL_PROMPTS - 1e-9
-
-
-@shipped
-@pytest.mark.slow
-def test_finetuning_the_world_generator_on_clip_score_raises_it_and_collapses_geneval(
-    one_torch_thread,
-):
-    clip = {"name": "clip", "options": {"backbone": "world"}}
-    before, after = _finetune_world_against(clip, CLIP_STEPS, CLIP_LR)
-    assert after["clip"] - before["clip"] >= CLIP_RISE
-    fall = before["geneval_mini"]["mean"] - after["geneval_mini"]["mean"]
-    assert fall >= GENEVAL_FALL
 
 
 def test_world_clip_with_a_resnet_image_tower_trains_loads_and_freezes(tmp_path, one_torch_thread):
