@@ -167,7 +167,7 @@ def run(
         renders, captions, cover = _sd3_data(images, 0, masks=True, easy=easy, category=category)
     latents = W.encode_latents(gen.vae, renders)
     factor = gen.vae_scale_factor
-    weights = FM.latent_weights(cover, object_weight, factor) if object_weight else None
+    weights = FM.latent_weights(cover, object_weight, factor)
     align = None
     if align_stage:
         from rewards.world.clip import load_clip

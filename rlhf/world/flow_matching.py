@@ -219,11 +219,17 @@ def clip_token_features(
     return torch.cat(out)
 
 
-def latent_weights(cover: np.ndarray, object_weight: float, factor: int = 4) -> torch.Tensor:
+def latent_weights(
+    cover: np.ndarray | None, object_weight: float, factor: int = 4
+) -> torch.Tensor | None:
     """``(N, 1, H/factor, W/factor)`` loss weights from object coverage ``cover (N, H, W)``:
     ``1 + object_weight * coverage`` of each latent pixel, scaled to mean 1 over the data.
     Objects cover about a tenth of a render, so an unweighted loss spends most of its signal
-    on the backdrop and barely any on what tells a circle from a square."""
+    on the backdrop and barely any on what tells a circle from a square. ``object_weight``
+    0: None (every pixel counts once, as :func:`train_transformer` takes ``weights=None``;
+    ``cover`` is then not needed)."""
+    if not object_weight:
+        return None
     c = F.avg_pool2d(torch.as_tensor(cover)[:, None], factor)
     w = 1.0 + object_weight * c
     return w / w.mean()

@@ -119,11 +119,7 @@ def train_world_sd3(folder: Path, out: Path, recipe: Recipe, seed: int, scale: s
         recipe.sd3_batch,
         seed=seed,
         progress=True,
-        weights=(
-            FM.latent_weights(cover, recipe.sd3_object_weight, recipe.vae_factor)
-            if recipe.sd3_object_weight
-            else None
-        ),
+        weights=FM.latent_weights(cover, recipe.sd3_object_weight, recipe.vae_factor),
         text_lr=recipe.sd3_text_lr,
         align=align,
         align_weight=recipe.sd3_align_weight,
