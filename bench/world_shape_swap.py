@@ -85,6 +85,8 @@ def run(world: str | None, prompts: int) -> dict:
     swapped = {w: [swap_word(s, w, rng) for s in specs] for w in WORDS}
     encoded = {w: sd3._encode(pipe, [s.prompt() for s in swapped[w]], 1) for w in WORDS}
     out = {"suite": "world_shape_swap", "sd3": str(folder), "prompts": prompts}
+    truth = {w: [_named(s, w) for s in specs] for w in WORDS}
+    named = {w: [_named(s, w) for s in swapped[w]] for w in WORDS}
     out.update({w: {} for w in WORDS})
     g = torch.Generator().manual_seed(0)
     for t in TIMES:
@@ -92,12 +94,10 @@ def run(world: str | None, prompts: int) -> dict:
         own = _top_detections(pipe, judge, xt - t * velocity(pipe, xt, t, own_e, own_p))
         for w in WORDS:
             swap = _top_detections(pipe, judge, xt - t * velocity(pipe, xt, t, *encoded[w]))
-            truth = [_named(s, w) for s in specs]
-            named = [_named(s, w) for s in swapped[w]]
             out[w][str(t)] = {
-                "own": _share(own, truth, w),
-                "swapped_follows_render": _share(swap, truth, w),
-                "swapped_follows_caption": _share(swap, named, w),
+                "own": _share(own, truth[w], w),
+                "swapped_follows_render": _share(swap, truth[w], w),
+                "swapped_follows_caption": _share(swap, named[w], w),
             }
     return out
 
