@@ -118,17 +118,20 @@ def _tally_prompts(
     return {"accept": accept, "reject": reject, "cat": [sp.category for sp in specs]}
 
 
+def _rate(values: list) -> float | None:
+    """The share of true ``values``, to four places; None where there are none (a toy-scale
+    judge can find no objects at all)."""
+    return round(float(np.mean(values)), 4) if values else None
+
+
 def _summarise(ts: list[dict]) -> dict:
     out = {}
     for a in ("count", "shape", "colour", "position", "all", "accept", "reject"):
-        out["all_correct" if a == "all" else a] = round(
-            float(np.mean([v for t in ts for v in t[a]])), 4
-        )
+        out["all_correct" if a == "all" else a] = _rate([v for t in ts for v in t[a]])
     cats = [c for t in ts for c in t["cat"]]
     for a in ("accept", "reject"):
         vals = [v for t in ts for v in t[a]]
         out[f"{a}_by_category"] = {
-            c: round(float(np.mean([v for v, cc in zip(vals, cats) if cc == c])), 4)
-            for c in CATEGORIES
+            c: _rate([v for v, cc in zip(vals, cats) if cc == c]) for c in CATEGORIES
         }
     return out
