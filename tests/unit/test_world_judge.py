@@ -173,3 +173,15 @@ def test_save_load_round_trip(toy, tmp_path):
     (tmp_path / "judge.json").write_text(json.dumps(cfg))
     with pytest.raises(RuntimeError):
         Judge.load(tmp_path)
+
+
+def test_judge_summary_of_no_cases_is_none_not_nan():
+    from rewards.world.judge_eval import _summarise
+
+    empty = {a: [] for a in ("count", "shape", "colour", "position", "all", "accept", "reject")}
+    found = dict(empty, shape=[True, False, True, True], cat=[])
+    out = _summarise([dict(empty, cat=[]), found])
+    assert out["shape"] == 0.75 and out["position"] is None and out["all_correct"] is None
+    assert set(out["accept_by_category"]) == set(CATEGORIES)
+    assert all(v is None for v in out["accept_by_category"].values())
+    json.dumps(out, allow_nan=False)  # strict JSON: the world report stays valid
