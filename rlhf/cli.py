@@ -204,6 +204,7 @@ def cmd_world_build(args) -> int:
         stages=stages,
         jobs=args.jobs,
         clip_vision=args.clip_vision,
+        precision=args.precision,
     )
     print(json.dumps(result["report"], indent=2))
     print(f"world in {out} (manifest.json lists every file with its sha256)")
@@ -348,6 +349,7 @@ def _add_finetune(sub) -> None:
 
 def _add_world(sub) -> None:
     from rewards.world import VISION_TOWERS
+    from rewards.world.precision import PRECISIONS
 
     w = _parser(sub, "world", "the miniature world: pretrained tiny CLIP, SD3 and judge")
     ws = w.add_subparsers(dest="world_cmd", required=True, metavar="COMMAND")
@@ -374,6 +376,13 @@ def _add_world(sub) -> None:
         choices=VISION_TOWERS,
         default=None,
         help="the world CLIP's image tower (default: the recipe's, resnet)",
+    )
+    wb.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="the training stages' arithmetic (default: the recipe's, fp32; bf16: CPU "
+        "autocast, faster on CPUs with AMX)",
     )
     wb.set_defaults(func=cmd_world_build)
     wv = _parser(ws, "verify", "check the world's files against its manifest")

@@ -186,14 +186,17 @@ def train_clip(
     progress: bool = True,
     negatives_per_image: int = 3,
     vision: str = "vit",
+    precision: str = "fp32",
 ):
     """Pretrain ``world-clip`` contrastively; returns ``(model, tokenizer, config)``.
 
     Each image is contrasted with every caption in the batch and with every caption's
     ``negatives_per_image`` hard negatives (NegCLIP's recipe), so attribute binding is what
-    separates them.
+    separates them. ``precision``: :mod:`rewards.world.precision`.
     """
     from tqdm import tqdm
+
+    from rewards.world.precision import training_autocast
 
     torch.manual_seed(seed)
     tok = build_tokenizer()
@@ -216,9 +219,10 @@ def train_clip(
     bar = tqdm(range(steps), desc="world-clip", disable=not progress, mininterval=5)
     for _step in bar:
         idx = torch.randint(0, n_train, (batch_size,), generator=gen)
-        img = F.normalize(model.encode_image(pixels(images[idx.numpy()])), dim=-1)
-        txt = model.encode_text(torch.cat([pos_ids[idx], neg_ids[idx].flatten(0, 1)]))
-        txt = F.normalize(txt, dim=-1)
+        with training_autocast(precision):
+            img = model.encode_image(pixels(images[idx.numpy()]))
+            txt = model.encode_text(torch.cat([pos_ids[idx], neg_ids[idx].flatten(0, 1)]))
+        img, txt = F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
         scale_ = model.logit_scale.exp().clamp(max=100)
         logits = scale_ * img @ txt.T  # (B, B + kB): own caption, others, every hard negative
         target = torch.arange(batch_size)

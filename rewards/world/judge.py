@@ -252,13 +252,17 @@ def train_judge(
     lr: float = 3e-3,
     threads: int | None = 2,
     log: Callable[[str], None] | None = None,
+    precision: str = "fp32",
 ) -> Judge:
     """Render ``n_train`` scenes (half ``random_scene``, half ``scene_for(sample_spec)``, half
     of them refined) up front with numpy, then train a :class:`TinyDetector` on them for
     ``steps`` AdamW steps (one-cycle schedule) with :func:`augment`. The defaults are the full
     scale (~2 min on 2 idle cores); ``n_train=600, steps=150, batch_size=32,
     widths=(16, 32, 32, 64)`` is a toy scale (~15 s of CPU) that finds objects and colours but
-    not yet shapes. ``threads``: torch threads to use (None leaves the setting alone)."""
+    not yet shapes. ``threads``: torch threads to use (None leaves the setting alone).
+    ``precision``: :mod:`rewards.world.precision`."""
+    from rewards.world.precision import training_autocast
+
     if threads:
         torch.set_num_threads(threads)
     t0 = time.time()
@@ -280,7 +284,9 @@ def train_judge(
         idx = perm[pos : pos + batch_size]
         pos += batch_size
         x, t = augment(images_t[idx].float() / 255.0, truth_t[idx], gen)
-        loss = detector_loss(model(x), _targets(t))
+        with training_autocast(precision):
+            out = model(x)
+        loss = detector_loss({k: v.float() for k, v in out.items()}, _targets(t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -293,9 +299,9 @@ def train_judge(
         "seed": seed,
         "batch_size": batch_size,
         "lr": lr,
-        "render_s": round(t_render, 1),
-        "train_s": round(time.time() - t0 - t_render, 1),
-    }
+    }  # no seconds: judge.json is hashed in the world's manifest, and a rebuild must match it
+    if log:
+        log(f"rendered in {t_render:.0f} s, trained in {time.time() - t0 - t_render:.0f} s")
     return Judge(model, info=info)
 
 

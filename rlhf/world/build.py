@@ -78,6 +78,9 @@ class Recipe:
     # CFG scale of the world's samples: GenEval-mini 0.242 at 2.0 against 0.154 at 1.0 (no
     # CFG) and 0.221 at 3.0 (BENCHMARKS.md section 0).
     guidance: float = 2.0
+    # The training stages' arithmetic (rewards.world.precision): "fp32" (shipped) or "bf16"
+    # (CPU autocast; faster where the CPU has AMX, BENCHMARKS.md section 0).
+    precision: str = "fp32"
 
     @classmethod
     def for_scale(cls, scale: str) -> Recipe:
@@ -147,6 +150,7 @@ def build_world(
     threads: int | None = 1,
     jobs: int = 1,
     clip_vision: str | None = None,
+    precision: str | None = None,
 ) -> dict:
     """Build the ``stages`` into ``out`` (see the module docstring); returns the report and
     the manifest. ``threads``: torch threads per process (one by default: two OpenMP threads
@@ -154,14 +158,14 @@ def build_world(
     ``jobs=2`` trains the CLIP and then the judge in a second process while this one trains
     the VAE (neither depends on the CLIP); the SD3 waits for both and, alone on the machine
     then, trains with ``threads * jobs`` threads. ``clip_vision``: the CLIP's image tower,
-    ``vit`` or ``resnet`` (None: the recipe's)."""
+    ``vit`` or ``resnet``; ``precision``: ``fp32`` or ``bf16`` (None: the recipe's)."""
     from rlhf.world.stages import world_report
 
     if threads:
         torch.set_num_threads(threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    recipe = _recipe(scale, clip_vision)
+    recipe = _recipe(scale, clip_vision, precision)
     timings = _train_stages(out, recipe, stages, scale, seed, threads, jobs)
     report = {}
     if "report" in stages:
@@ -198,7 +202,7 @@ def _train_stages(
 
         side = mp.get_context("spawn").Process(
             target=build_world,
-            args=(out, scale, seed, side_stages, threads, 1, recipe.clip_vision),
+            args=(out, scale, seed, side_stages, threads, 1, recipe.clip_vision, recipe.precision),
         )
         side.start()
     else:
@@ -239,16 +243,22 @@ def _torch_threads(n: int | None):
         torch.set_num_threads(before)
 
 
-def _recipe(scale: str, clip_vision: str | None) -> Recipe:
-    """The recipe of ``scale``, its CLIP's image tower ``clip_vision`` when given."""
+def _recipe(scale: str, clip_vision: str | None, precision: str | None = None) -> Recipe:
+    """The recipe of ``scale``, with its CLIP's image tower ``clip_vision`` and the stages'
+    ``precision`` where given."""
     from rewards.world import VISION_TOWERS
+    from rewards.world.precision import check_precision
 
     recipe = Recipe.for_scale(scale)
-    if clip_vision is None:
-        return recipe
-    if clip_vision not in VISION_TOWERS:
-        raise ValueError(f"clip_vision={clip_vision!r} must be one of {', '.join(VISION_TOWERS)}")
-    return replace(recipe, clip_vision=clip_vision)
+    if clip_vision is not None:
+        if clip_vision not in VISION_TOWERS:
+            raise ValueError(
+                f"clip_vision={clip_vision!r} must be one of {', '.join(VISION_TOWERS)}"
+            )
+        recipe = replace(recipe, clip_vision=clip_vision)
+    if precision is not None:
+        recipe = replace(recipe, precision=check_precision(precision))
+    return recipe
 
 
 def _stage(out: Path, name: str, train: Callable[[Path], object], timings: dict) -> None:
@@ -279,7 +289,8 @@ def _write_manifest(
         seconds["report"] = round(timings["report"], 1)
     manifest = {
         "command": f"rlhf world build{_out_arg(out)} --scale {scale} --seed {seed} --jobs {jobs}"
-        + (f" --clip-vision {recipe.clip_vision}" if recipe.clip_vision != "resnet" else ""),
+        + (f" --clip-vision {recipe.clip_vision}" if recipe.clip_vision != "resnet" else "")
+        + (f" --precision {recipe.precision}" if recipe.precision != "fp32" else ""),
         "recipe": asdict(recipe),
         "seconds": seconds,
         "files": file_table(out),

@@ -37,6 +37,7 @@ def train_transformer(
     align_block: int = 1,
     weight_below: float = 1.0,
     pair_weight: float = 0.0,
+    precision: str = "fp32",
 ):
     """Flow-matching pretraining of ``pipe.transformer`` on scaled ``latents (N, 4, h, w)``
     (16x16 from the factor-4 VAE) and their ``captions`` (see the module docstring);
@@ -58,8 +59,11 @@ def train_transformer(
     the caption, e.g. the shape); a batch holds whole twins under the same t and noise, and
     the loss adds that multiple of the squared difference of the twins' residuals, i.e. the
     error of the predicted *difference* the word makes (a pilot, BENCHMARKS.md section 0).
-    Returns the per-step losses."""
+    ``precision``: the forward passes' arithmetic (:mod:`rewards.world.precision`). Returns
+    the per-step losses."""
     from tqdm import tqdm
+
+    from rewards.world.precision import training_autocast
 
     torch.manual_seed(seed)
     model = pipe.transformer
@@ -82,7 +86,8 @@ def train_transformer(
             first = k * torch.randint(0, len(latents) // k, (batch_size // k,), generator=gen)
             idx = (first[:, None] + torch.arange(k)).flatten()
             x0 = latents[idx]
-            e, p = conditions(idx, torch.rand(len(idx), generator=gen) < drop_caption)
+            with training_autocast(precision):
+                e, p = conditions(idx, torch.rand(len(idx), generator=gen) < drop_caption)
             n = len(idx) // k
             t = torch.sigmoid(t_mean + torch.randn(n, generator=gen))  # logit-normal
             t = t.repeat_interleave(k)
@@ -92,7 +97,8 @@ def train_transformer(
                 w = weights[idx]
                 if weight_below < 1.0:
                     w = torch.where(t[:, None, None, None] < weight_below, w, torch.ones_like(w))
-            err, residual = _flow_errors(model, x0, noise, t, e, p, contrastive, w)
+            with training_autocast(precision):
+                err, residual = _flow_errors(model, x0, noise, t, e, p, contrastive, w)
             loss = err.mean() + (aligner.loss(idx) if aligner else 0.0)
             if pair_weight > 0:
                 loss = loss + pair_weight * (residual[0::2] - residual[1::2]).pow(2).mean()
@@ -120,7 +126,7 @@ def _flow_errors(model, x0, noise, t, embeds, pooled, contrastive: float, weight
     xt = (1 - tt) * x0 + tt * noise
     v = model(
         hidden_states=xt, timestep=t * 1000, encoder_hidden_states=embeds, pooled_projections=pooled
-    ).sample
+    ).sample.float()
     target = noise - x0
     err = (v - target).pow(2)
     if contrastive > 0:
@@ -186,7 +192,7 @@ class _Aligner:
         return list(self.projector.parameters())
 
     def loss(self, idx: torch.Tensor) -> torch.Tensor:
-        h = self.projector(self.tokens.pop("h"))
+        h = self.projector(self.tokens.pop("h").float())  # bf16 under training_autocast
         return -self.weight * F.cosine_similarity(h, self.targets[idx], dim=-1).mean()
 
     def remove(self) -> None:

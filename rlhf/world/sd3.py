@@ -93,12 +93,15 @@ def train_vae(
     scale: str = "full",
     progress: bool = True,
     factor: int = 4,
+    precision: str = "fp32",
 ):
     """An ``AutoencoderKL`` (downsampling by ``factor``) trained to reconstruct ``images``
     (uint8 ``(N, 64, 64, 3)``); its ``scaling_factor`` and ``shift_factor`` are set from the
-    latents' statistics."""
+    latents' statistics. ``precision``: :mod:`rewards.world.precision`."""
     from diffusers import AutoencoderKL
     from tqdm import tqdm
+
+    from rewards.world.precision import training_autocast
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(**vae_config(scale, factor))
@@ -109,9 +112,10 @@ def train_vae(
     bar = tqdm(range(steps), desc="world-vae", disable=not progress, mininterval=5)
     for _ in bar:
         x = to_tensor(images[torch.randint(0, len(images), (batch_size,), generator=gen).numpy()])
-        post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
-        kl = post.kl().mean() / x[0].numel()
+        with training_autocast(precision):
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample()).sample.float()
+            kl = post.kl().float().mean() / x[0].numel()
         loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-4 * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -65,6 +65,7 @@ def train_world_clip(folder: Path, recipe: Recipe, seed: int, scale: str) -> Non
         scale=scale,
         progress=True,
         vision=recipe.clip_vision,
+        precision=recipe.precision,
     )
     C.save_clip(model, tok, cfg, folder)
 
@@ -72,7 +73,11 @@ def train_world_clip(folder: Path, recipe: Recipe, seed: int, scale: str) -> Non
 def train_world_judge(folder: Path, recipe: Recipe, seed: int) -> None:
     """GenEval-mini's detector, trained on renders, into ``folder``."""
     judge = train_judge(
-        n_train=recipe.judge_train, steps=recipe.judge_steps, seed=seed, threads=None
+        n_train=recipe.judge_train,
+        steps=recipe.judge_steps,
+        seed=seed,
+        threads=None,
+        precision=recipe.precision,
     )
     judge.save(folder)
 
@@ -88,6 +93,7 @@ def train_world_vae(folder: Path, recipe: Recipe, seed: int, scale: str) -> None
         scale=scale,
         progress=True,
         factor=recipe.vae_factor,
+        precision=recipe.precision,
     )
     vae.save_pretrained(str(folder), safe_serialization=True)
 
@@ -124,6 +130,7 @@ def train_world_sd3(folder: Path, out: Path, recipe: Recipe, seed: int, scale: s
         align=align,
         align_weight=recipe.sd3_align_weight,
         weight_below=recipe.sd3_weight_below,
+        precision=recipe.precision,
     )
     W.save_pipeline(pipe, folder)
 

@@ -222,8 +222,37 @@ def test_two_process_build_trains_the_same_clip_judge_and_vae_as_one(tmp_path, o
     ):
         a, b = load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    for name in ("judge/judge.json", "vae/config.json"):  # no timings or paths in hashed files
+        assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text()
     seconds = json.loads((tmp_path / "two" / "manifest.json").read_text())["seconds"]
     assert set(seconds) == set(stages)  # the side process's stages are on the books too
+
+
+@pytest.mark.slow
+def test_bf16_build_trains_every_stage_in_bf16_and_keeps_fp32_weights(tmp_path, one_torch_thread):
+    from safetensors.torch import load_file
+
+    from rlhf.world.build import _recipe, build_world
+
+    stages = ("clip", "judge", "vae", "sd3")
+    build_world(tmp_path / "fp32", scale="toy", seed=0, stages=stages, jobs=1)
+    # jobs=2: the CLIP and judge train in the side process, which must get the precision too.
+    build_world(tmp_path / "bf16", scale="toy", seed=0, stages=stages, jobs=2, precision="bf16")
+    for name in (
+        "clip/open_clip.safetensors",
+        "judge/judge.safetensors",
+        "sd3/vae/diffusion_pytorch_model.safetensors",
+        "sd3/transformer/diffusion_pytorch_model.safetensors",
+    ):
+        a, b = load_file(tmp_path / "fp32" / name), load_file(tmp_path / "bf16" / name)
+        assert a.keys() == b.keys(), name
+        assert all(b[k].dtype == a[k].dtype and torch.isfinite(b[k]).all() for k in b), name
+        assert not all(torch.equal(a[k], b[k]) for k in a), f"{name}: not trained in bf16"
+    manifest = json.loads((tmp_path / "bf16" / "manifest.json").read_text())
+    assert manifest["recipe"]["precision"] == "bf16"
+    assert manifest["command"].endswith("--precision bf16")
+    with pytest.raises(ValueError, match="precision='fp16'"):
+        _recipe("toy", None, "fp16")
 
 
 @shipped
