@@ -83,8 +83,9 @@ def train_world_judge(folder: Path, recipe: Recipe, seed: int) -> None:
 
 
 def train_world_vae(folder: Path, recipe: Recipe, seed: int, scale: str) -> None:
-    """The tiny ``AutoencoderKL``, trained on the generator's renders, into ``folder``."""
-    images, _ = _sd3_data(recipe.sd3_images, seed)
+    """The tiny ``AutoencoderKL``, trained on the first ``vae_images`` of the generator's
+    renders, into ``folder``."""
+    images, _ = _sd3_data(recipe.vae_images, seed)
     vae = W.train_vae(
         images,
         recipe.vae_steps,

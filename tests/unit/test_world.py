@@ -178,6 +178,19 @@ def test_shipped_world_matches_its_manifest():
 
 
 @shipped
+def test_shipped_world_was_built_by_the_code_recipe():
+    """The shipped manifest's recipe is :class:`Recipe`'s: a recipe change that alters a stage
+    must rebuild (and re-ship) what it alters, or say so in the recipe (``vae_images``)."""
+    from dataclasses import asdict
+
+    from rlhf.world.build import Recipe
+
+    manifest = json.loads((world.ASSETS / "manifest.json").read_text())
+    assert manifest["recipe"] == asdict(Recipe())
+    assert manifest["command"] == "rlhf world build --scale full --seed 0 --jobs 2"
+
+
+@shipped
 def test_shipped_clip_and_judge_read_renders():
     from rewards.registry import build_reward
 
