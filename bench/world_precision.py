@@ -29,7 +29,7 @@ def _median_ms(step, steps: int, warm: int) -> float:
         step()
         if i >= warm:
             times.append(time.perf_counter() - t)
-    return round(1000 * sorted(times)[len(times) // 2], 1)
+    return round(1000 * sorted(times)[len(times) // 2], 3)
 
 
 def _matmul(precision: str):

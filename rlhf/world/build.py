@@ -37,8 +37,8 @@ STAGES = ("clip", "judge", "vae", "sd3", "ict", "report")
 
 @dataclass
 class Recipe:
-    """Sizes and steps of every stage. ``full`` with ``--jobs 2`` takes about 59 min on 2 idle
-    cores (BENCHMARKS.md section 0; the issue asks for at most 30): 43 of them are the SD3's
+    """Sizes and steps of every stage. ``full`` with ``--jobs 2`` took 59-66 min on 2 idle
+    cores (BENCHMARKS.md section 0; the issue asks for at most 30): 43-50 of them are the SD3's
     20000 steps, which it needs to follow prompts (at 6000 steps it ignored shape words)."""
 
     clip_pairs: int = 20000
