@@ -101,7 +101,7 @@ def _sd3(precision: str, compiled: bool):
 
     from rewards.world import SD3_DIR
     from rewards.world.precision import training_autocast
-    from rlhf.world.flow_matching import _encode_captions
+    from rlhf.world.flow_matching import _encode_captions, _flow_errors
     from rlhf.world.sampling import load_world_generator
 
     pipe = load_world_generator(SD3_DIR).pipe
@@ -117,15 +117,9 @@ def _sd3(precision: str, compiled: bool):
         noise = torch.randn(32, 4, 16, 16, generator=g)
         t = torch.rand(32, generator=g)
         r = rows[torch.randint(0, len(captions), (32,), generator=g)]
-        xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
-        with training_autocast(precision):
-            v = forward(
-                hidden_states=xt,
-                timestep=t * 1000,
-                encoder_hidden_states=embeds[r].float(),
-                pooled_projections=pooled[r].float(),
-            ).sample.float()
-        loss = (v - (noise - x0)).pow(2).mean()
+        with training_autocast(precision):  # the build's step (train_transformer)
+            err, _ = _flow_errors(forward, x0, noise, t, embeds[r], pooled[r], 0.0, None)
+        loss = err.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -134,9 +128,9 @@ def _sd3(precision: str, compiled: bool):
 
 
 CASES = {
-    "matmul": lambda p: _matmul(p),
-    "vae": lambda p: _vae(p),
-    "clip": lambda p: _clip(p),
+    "matmul": _matmul,
+    "vae": _vae,
+    "clip": _clip,
     "sd3": lambda p: _sd3(p, compiled=False),
     "sd3_compiled": lambda p: _sd3(p, compiled=True),
 }

@@ -86,8 +86,7 @@ def train_transformer(
             first = k * torch.randint(0, len(latents) // k, (batch_size // k,), generator=gen)
             idx = (first[:, None] + torch.arange(k)).flatten()
             x0 = latents[idx]
-            with training_autocast(precision):
-                e, p = conditions(idx, torch.rand(len(idx), generator=gen) < drop_caption)
+            drop = torch.rand(len(idx), generator=gen) < drop_caption
             n = len(idx) // k
             t = torch.sigmoid(t_mean + torch.randn(n, generator=gen))  # logit-normal
             t = t.repeat_interleave(k)
@@ -98,6 +97,7 @@ def train_transformer(
                 if weight_below < 1.0:
                     w = torch.where(t[:, None, None, None] < weight_below, w, torch.ones_like(w))
             with training_autocast(precision):
+                e, p = conditions(idx, drop)
                 err, residual = _flow_errors(model, x0, noise, t, e, p, contrastive, w)
             loss = err.mean() + (aligner.loss(idx) if aligner else 0.0)
             if pair_weight > 0:
