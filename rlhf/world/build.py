@@ -26,11 +26,13 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from rewards.checkpoints import file_sha256
+from rewards.errors import ConfigError
 
 STAGES = ("clip", "judge", "vae", "sd3", "ict", "report")
 
@@ -137,9 +139,71 @@ def _done(folder: Path) -> bool:
     return (folder / ".complete").is_file()
 
 
-def _finish(tmp: Path, folder: Path, seconds: float) -> None:
-    """Move a finished stage into place; ``.seconds/<stage>`` records the seconds it took."""
-    (tmp / ".complete").write_text("")
+# What each stage is made from besides its own recipe fields: a kept stage is only as good as
+# the stages it was trained on (the VAE's folder goes once the SD3 holds its copy).
+UPSTREAM = {
+    "clip": (),
+    "judge": (),
+    "vae": (),
+    "sd3": ("clip", "vae"),
+    "ict": ("clip", "judge", "sd3"),
+    "report": ("clip", "judge", "sd3", "ict"),
+}
+
+
+class _Reads:
+    """The recipe, noting each field a stage reads: its ``.complete`` records them, and a
+    later build keeps the stage only if its recipe still has those values."""
+
+    def __init__(self, recipe: Recipe):
+        self._recipe, self.read = recipe, {}
+
+    def __getattr__(self, name: str):
+        value = getattr(self._recipe, name)
+        self.read[name] = value
+        return value
+
+
+def _made(folder: Path) -> dict | None:
+    """What a finished stage was made with (``{"scale", "seed", "recipe": {field: value}}``,
+    its upstream stages' fields included); None for a stage built before stages recorded it."""
+    text = (folder / ".complete").read_text()
+    return json.loads(text) if text.strip() else None
+
+
+def _check_kept(out: Path, stages, recipe: Recipe, scale: str, seed: int) -> None:
+    """Refuse to build ``stages`` on finished stages (those asked for and those they are made
+    from) that another recipe, scale or seed made: they would be kept as they are, and the
+    manifest would then claim this recipe for them."""
+    needed, todo = set(), [st for st in stages if st in UPSTREAM]
+    while todo:
+        st = todo.pop()
+        if st not in needed:
+            needed.add(st)
+            todo.extend(UPSTREAM[st])
+    wrong = []
+    for st in sorted(needed & set(STAGES)):
+        folder = out / st
+        made = _made(folder) if _done(folder) else None
+        if made is None:
+            continue
+        now = {"scale": scale, "seed": seed, **{k: getattr(recipe, k) for k in made["recipe"]}}
+        was = {"scale": made["scale"], "seed": made["seed"], **made["recipe"]}
+        diff = [f"{k}={v!r} (now {now[k]!r})" for k, v in was.items() if now[k] != v]
+        if diff:
+            more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+            wrong.append(f"{folder} was built with {', '.join(diff[:4])}{more}")
+    if wrong:
+        raise ConfigError(
+            "; ".join(wrong) + ": a build keeps finished stages as they are, so remove "
+            "those folders to rebuild them with this recipe, or build into another --out"
+        )
+
+
+def _finish(tmp: Path, folder: Path, seconds: float, made: dict) -> None:
+    """Move a finished stage into place; its ``.complete`` records what it was ``made`` with,
+    ``.seconds/<stage>`` the seconds it took."""
+    (tmp / ".complete").write_text(json.dumps(made, indent=1, sort_keys=True) + "\n")
     (folder.parent / ".seconds").mkdir(exist_ok=True)
     (folder.parent / ".seconds" / folder.name).write_text(f"{seconds:.1f}\n")
     if folder.exists():
@@ -171,6 +235,7 @@ def build_world(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     recipe = _recipe(scale, clip_vision, precision)
+    _check_kept(out, stages, recipe, scale, seed)
     timings = _train_stages(out, recipe, stages, scale, seed, threads, jobs)
     report = {}
     if "report" in stages:
@@ -196,6 +261,7 @@ def _train_stages(
     )
 
     timings: dict[str, float] = {}
+    made = (recipe, scale, seed)
     vae_dir, sd3_dir = out / "vae", out / "sd3"
 
     side_stages = tuple(st for st in ("clip", "judge") if st in stages and not _done(out / st))
@@ -212,11 +278,11 @@ def _train_stages(
         side.start()
     else:
         if "clip" in side_stages:
-            _stage(out, "clip", lambda d: train_world_clip(d, recipe, seed, scale), timings)
+            _stage(out, "clip", lambda d, r: train_world_clip(d, r, seed, scale), timings, made)
         if "judge" in side_stages:
-            _stage(out, "judge", lambda d: train_world_judge(d, recipe, seed), timings)
+            _stage(out, "judge", lambda d, r: train_world_judge(d, r, seed), timings, made)
     if ("vae" in stages or "sd3" in stages) and not (_done(vae_dir) or _done(sd3_dir)):
-        _stage(out, "vae", lambda d: train_world_vae(d, recipe, seed, scale), timings)
+        _stage(out, "vae", lambda d, r: train_world_vae(d, r, seed, scale), timings, made)
     if side is not None:
         side.join()
         failed = [st for st in side_stages if not _done(out / st)]
@@ -229,10 +295,11 @@ def _train_stages(
         # Alone on the machine now: every process's threads (two threads train it 1.6x faster
         # than one on two idle cores; BENCHMARKS.md section 0).
         with _torch_threads(threads * jobs if threads else None):
-            _stage(out, "sd3", lambda d: train_world_sd3(d, out, recipe, seed, scale), timings)
+            sd3 = partial(train_world_sd3, out=out, seed=seed, scale=scale)
+            _stage(out, "sd3", lambda d, r: sd3(d, recipe=r), timings, made)
         shutil.rmtree(vae_dir)  # the diffusers folder holds its own copy
     if "ict" in stages and not _done(out / "ict"):
-        _stage(out, "ict", lambda d: train_world_ict(out, d, recipe, seed), timings)
+        _stage(out, "ict", lambda d, r: train_world_ict(out, d, r, seed), timings, made)
     return timings
 
 
@@ -266,14 +333,28 @@ def _recipe(scale: str, clip_vision: str | None, precision: str | None = None) -
     return recipe
 
 
-def _stage(out: Path, name: str, train: Callable[[Path], object], timings: dict) -> None:
-    """Run one stage into a fresh ``out/.<name>.tmp`` and move it into place as ``out/<name>``;
-    what ``train`` returns is printed with the seconds it took."""
+def _stage(
+    out: Path,
+    name: str,
+    train: Callable[[Path, _Reads], object],
+    timings: dict,
+    made: tuple[Recipe, str, int],
+) -> None:
+    """Run one stage, ``train(folder, recipe)``, into a fresh ``out/.<name>.tmp`` and move it
+    into place as ``out/<name>``, recording the ``made`` (recipe, scale, seed) fields it read
+    and those of its upstream stages; what ``train`` returns is printed with its seconds."""
+    recipe, scale, seed = made
     t = time.time()
     tmp = out / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    extra = train(tmp)
-    _finish(tmp, out / name, time.time() - t)
+    reads = _Reads(recipe)
+    extra = train(tmp, reads)
+    fields = {}
+    for up in UPSTREAM[name]:
+        record = _made(out / up) if _done(out / up) else None
+        fields.update(record["recipe"] if record else {})
+    fields.update(reads.read)
+    _finish(tmp, out / name, time.time() - t, {"scale": scale, "seed": seed, "recipe": fields})
     timings[name] = time.time() - t
     print(
         f"[world] {name}: {timings[name]:.0f} s" + ("" if extra is None else f" {extra}"),

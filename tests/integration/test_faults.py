@@ -23,8 +23,9 @@ QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
 
 # Long enough that a signal sent once step 2's checkpoint exists lands mid-run: a tiny step
-# takes ~0.25 s on an idle machine, and a 4- or 5-step run could finish before the signal.
-STEPS = 20
+# takes ~0.25 s on an idle machine (its checkpoint more), the signal follows the checkpoint
+# within 50 ms, and a 4- or 5-step run could still finish first.
+STEPS = 10
 
 
 def _rlhf(*args, env, **kw):

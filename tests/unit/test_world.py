@@ -4,6 +4,7 @@ recipe at toy scale, and the shipped world against its manifest."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -123,8 +124,9 @@ def test_caption_negatives_change_exactly_what_they_name():
 
 @pytest.mark.slow
 def test_world_builds_at_toy_scale_and_loads_as_a_generator(tmp_path, one_torch_thread):
+    from rewards.errors import ConfigError
     from rlhf.generator import GeneratorConfig, load_generator
-    from rlhf.world.build import build_world, verify_manifest
+    from rlhf.world.build import Recipe, build_world, verify_manifest
 
     out = tmp_path / "world"
     result = build_world(out, scale="toy", seed=0)
@@ -156,6 +158,19 @@ def test_world_builds_at_toy_scale_and_loads_as_a_generator(tmp_path, one_torch_
     assert len(run["train"]) == 2 and all(np.isfinite(m["loss"]) for m in run["train"])
     assert set(run["after"]) == set(run["before"]) >= {"geneval_mini", "jpeg_ratio"}
     assert run["images"][1].shape == (6, 3, 64, 64)
+    # Each stage records the recipe fields it read and those of the stages it was made from.
+    made = {st: json.loads((out / st / ".complete").read_text()) for st in ("clip", "sd3", "ict")}
+    assert made["clip"]["scale"] == "toy" and made["clip"]["seed"] == 0
+    assert made["clip"]["recipe"]["clip_steps"] == Recipe.for_scale("toy").clip_steps
+    assert "sd3_steps" not in made["clip"]["recipe"]
+    assert {"clip_steps", "vae_images", "sd3_steps"} <= set(made["sd3"]["recipe"])
+    assert "judge_steps" not in made["sd3"]["recipe"]
+    assert {"clip_steps", "judge_steps", "sd3_steps", "ict_epochs", "guidance"} <= set(
+        made["ict"]["recipe"]
+    )
+    # Another scale would keep these stages as they are: refused before anything runs.
+    with pytest.raises(ConfigError, match=r"/clip was built with scale='toy' \(now 'full'\)"):
+        build_world(out, scale="full", seed=0, stages=("report",))
     # A second build skips finished stages; a changed file is caught by the manifest.
     build_world(out, scale="toy", seed=0, stages=("clip",))
     w = out / "judge" / "judge.json"
@@ -209,6 +224,48 @@ def test_shipped_clip_and_judge_read_renders():
     assert (own > other).float().mean() >= 0.85
 
 
+@shipped
+def test_shipped_stages_record_the_recipe_that_made_them():
+    """Each shipped stage's ``.complete`` names the recipe fields it read (and those of the
+    stages it was made from) with the values of :class:`Recipe`: a build into the shipped
+    folder with another scale or recipe is refused instead of keeping them and rewriting the
+    manifest's recipe."""
+    from rewards.errors import ConfigError
+    from rlhf.world.build import STAGES, Recipe, _check_kept
+
+    for stage in ("clip", "judge", "sd3", "ict"):
+        made = json.loads((world.ASSETS / stage / ".complete").read_text())
+        assert (made["scale"], made["seed"]) == ("full", 0), stage
+        assert made["recipe"] and made["recipe"].items() <= asdict(Recipe()).items(), stage
+    _check_kept(world.ASSETS, STAGES, Recipe(), "full", 0)
+    with pytest.raises(
+        ConfigError, match=r"sd3 was built with clip_batch=64 \(now 16\), .* and \d+ more"
+    ):
+        _check_kept(world.ASSETS, ("sd3",), Recipe.for_scale("toy"), "full", 0)
+
+
+def test_a_build_refuses_finished_stages_that_another_recipe_made(tmp_path, one_torch_thread):
+    from rewards.errors import ConfigError
+    from rlhf.world.build import build_world
+
+    out = tmp_path / "world"
+    build_world(out, scale="toy", seed=0, stages=("clip",))
+    before = (out / "clip" / "open_clip.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match=r"clip was built with precision='fp32' \(now 'bf16'\)"):
+        build_world(out, scale="toy", seed=0, stages=("clip",), precision="bf16")
+    with pytest.raises(ConfigError, match=r"clip was built with seed=0 \(now 1\)"):
+        build_world(out, scale="toy", seed=1, stages=("clip", "judge"))
+    # The SD3 is made from the CLIP: asking for it checks the CLIP it would be trained on.
+    with pytest.raises(ConfigError, match=r"clip_vision='resnet' \(now 'vit'\).*another --out"):
+        build_world(out, scale="toy", seed=0, stages=("sd3",), clip_vision="vit")
+    assert not (out / "judge").exists() and not (out / "sd3").exists()
+    assert (out / "clip" / "open_clip.safetensors").read_bytes() == before
+    # A stage finished before stages recorded their recipe (an empty .complete) is kept.
+    (out / "clip" / ".complete").write_text("")
+    build_world(out, scale="toy", seed=1, stages=("clip",))
+    assert (out / "clip" / "open_clip.safetensors").read_bytes() == before
+
+
 def test_chance_specs_pair_each_prompt_with_another_of_its_category():
     from rlhf.world.sampling import chance_specs, eval_specs
 
@@ -220,35 +277,35 @@ def test_chance_specs_pair_each_prompt_with_another_of_its_category():
         chance_specs(specs[1:])
 
 
-def test_two_process_build_trains_the_same_clip_judge_and_vae_as_one(tmp_path, one_torch_thread):
-    from safetensors.torch import load_file
-
-    from rlhf.world.build import build_world
-
-    stages = ("clip", "judge", "vae")
-    build_world(tmp_path / "one", scale="toy", seed=0, stages=stages, jobs=1)
-    build_world(tmp_path / "two", scale="toy", seed=0, stages=stages, jobs=2)
-    for name in (
-        "clip/open_clip.safetensors",
-        "judge/judge.safetensors",
-        "vae/diffusion_pytorch_model.safetensors",
-    ):
-        a, b = load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    for name in ("judge/judge.json", "vae/config.json"):  # no timings or paths in hashed files
-        assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text()
-    seconds = json.loads((tmp_path / "two" / "manifest.json").read_text())["seconds"]
-    assert set(seconds) == set(stages)  # the side process's stages are on the books too
-
-
 @pytest.mark.slow
-def test_bf16_build_trains_every_stage_in_bf16_and_keeps_fp32_weights(tmp_path, one_torch_thread):
+def test_two_process_and_bf16_builds_against_one_fp32_process(tmp_path, one_torch_thread):
+    """One fp32 build in one process is the reference for two others: the same recipe in two
+    processes trains bit-identical CLIP, judge and VAE; in bf16 (side process included) every
+    stage trains in bf16 and keeps fp32 weights."""
     from safetensors.torch import load_file
 
     from rlhf.world.build import _recipe, build_world
 
     stages = ("clip", "judge", "vae", "sd3")
-    build_world(tmp_path / "fp32", scale="toy", seed=0, stages=stages, jobs=1)
+    build_world(tmp_path / "one", scale="toy", seed=0, stages=stages, jobs=1)
+    build_world(tmp_path / "two", scale="toy", seed=0, stages=stages[:3], jobs=2)
+    for name_one, name_two in (
+        ("clip/open_clip.safetensors",) * 2,
+        ("judge/judge.safetensors",) * 2,
+        ("sd3/vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"),
+    ):
+        a, b = load_file(tmp_path / "one" / name_one), load_file(tmp_path / "two" / name_two)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name_two
+    # no timings or paths in hashed files (the SD3 stage names the VAE's folder in its copy)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert (one / "judge/judge.json").read_text() == (two / "judge/judge.json").read_text()
+    vae_one = json.loads((one / "sd3/vae/config.json").read_text())
+    vae_two = json.loads((two / "vae/config.json").read_text())
+    vae_one.pop("_name_or_path", None), vae_two.pop("_name_or_path", None)
+    assert vae_one == vae_two
+    seconds = json.loads((tmp_path / "two" / "manifest.json").read_text())["seconds"]
+    assert set(seconds) == set(stages[:3])  # the side process's stages are on the books too
+
     # jobs=2: the CLIP and judge train in the side process, which must get the precision too.
     build_world(tmp_path / "bf16", scale="toy", seed=0, stages=stages, jobs=2, precision="bf16")
     for name in (
@@ -257,7 +314,7 @@ def test_bf16_build_trains_every_stage_in_bf16_and_keeps_fp32_weights(tmp_path, 
         "sd3/vae/diffusion_pytorch_model.safetensors",
         "sd3/transformer/diffusion_pytorch_model.safetensors",
     ):
-        a, b = load_file(tmp_path / "fp32" / name), load_file(tmp_path / "bf16" / name)
+        a, b = load_file(tmp_path / "one" / name), load_file(tmp_path / "bf16" / name)
         assert a.keys() == b.keys(), name
         assert all(b[k].dtype == a[k].dtype and torch.isfinite(b[k]).all() for k in b), name
         assert not all(torch.equal(a[k], b[k]) for k in a), f"{name}: not trained in bf16"
@@ -268,7 +325,6 @@ def test_bf16_build_trains_every_stage_in_bf16_and_keeps_fp32_weights(tmp_path, 
         _recipe("toy", None, "fp16")
 
 
-@shipped
 def test_sd3_pretraining_encodes_each_distinct_caption_once_and_alike():
     from rlhf.world import sd3 as W
     from rlhf.world.sampling import load_world_generator
