@@ -167,8 +167,18 @@ class _Reads:
 def _made(folder: Path) -> dict | None:
     """What a finished stage was made with (``{"scale", "seed", "recipe": {field: value}}``,
     its upstream stages' fields included); None for a stage built before stages recorded it."""
-    text = (folder / ".complete").read_text()
-    return json.loads(text) if text.strip() else None
+    path = folder / ".complete"
+    text = path.read_text()
+    if not text.strip():
+        return None
+    try:
+        made = json.loads(text)
+        made["scale"], made["seed"], dict(made["recipe"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(
+            f"{path} is not a stage record ({e}): remove {folder} to rebuild it"
+        ) from e
+    return made
 
 
 def _check_kept(out: Path, stages, recipe: Recipe, scale: str, seed: int) -> None:
@@ -187,7 +197,8 @@ def _check_kept(out: Path, stages, recipe: Recipe, scale: str, seed: int) -> Non
         made = _made(folder) if _done(folder) else None
         if made is None:
             continue
-        now = {"scale": scale, "seed": seed, **{k: getattr(recipe, k) for k in made["recipe"]}}
+        fields = {k: getattr(recipe, k, "<no such field>") for k in made["recipe"]}
+        now = {"scale": scale, "seed": seed, **fields}
         was = {"scale": made["scale"], "seed": made["seed"], **made["recipe"]}
         diff = [f"{k}={v!r} (now {now[k]!r})" for k, v in was.items() if now[k] != v]
         if diff:

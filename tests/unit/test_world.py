@@ -260,6 +260,9 @@ def test_a_build_refuses_finished_stages_that_another_recipe_made(tmp_path, one_
         build_world(out, scale="toy", seed=0, stages=("sd3",), clip_vision="vit")
     assert not (out / "judge").exists() and not (out / "sd3").exists()
     assert (out / "clip" / "open_clip.safetensors").read_bytes() == before
+    (out / "clip" / ".complete").write_text('{"scale": "toy"')  # torn
+    with pytest.raises(ConfigError, match=r"clip/.complete is not a stage record"):
+        build_world(out, scale="toy", seed=0, stages=("clip",))
     # A stage finished before stages recorded their recipe (an empty .complete) is kept.
     (out / "clip" / ".complete").write_text("")
     build_world(out, scale="toy", seed=1, stages=("clip",))
