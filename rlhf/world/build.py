@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -306,8 +305,7 @@ def _train_stages(
         # Alone on the machine now: every process's threads (two threads train it 1.6x faster
         # than one on two idle cores; BENCHMARKS.md section 0).
         with _torch_threads(threads * jobs if threads else None):
-            sd3 = partial(train_world_sd3, out=out, seed=seed, scale=scale)
-            _stage(out, "sd3", lambda d, r: sd3(d, recipe=r), timings, made)
+            _stage(out, "sd3", lambda d, r: train_world_sd3(d, out, r, seed, scale), timings, made)
         shutil.rmtree(vae_dir)  # the diffusers folder holds its own copy
     if "ict" in stages and not _done(out / "ict"):
         _stage(out, "ict", lambda d, r: train_world_ict(out, d, r, seed), timings, made)
