@@ -158,6 +158,8 @@ class _Reads:
         self._recipe, self.read = recipe, {}
 
     def __getattr__(self, name: str):
+        if name.startswith("_") or name == "read":  # not set yet (a copy being made)
+            raise AttributeError(name)
         value = getattr(self._recipe, name)
         self.read[name] = value
         return value
