@@ -167,9 +167,10 @@ class _Reads:
 
 def _made(folder: Path) -> dict | None:
     """What a finished stage was made with (``{"scale", "seed", "recipe": {field: value}}``,
-    its upstream stages' fields included); None for a stage built before stages recorded it."""
+    its upstream stages' fields included); None for an unfinished stage or one built before
+    stages recorded it."""
     path = folder / ".complete"
-    text = path.read_text()
+    text = path.read_text() if path.is_file() else ""
     if not text.strip():
         return None
     try:
@@ -195,7 +196,7 @@ def _check_kept(out: Path, stages, recipe: Recipe, scale: str, seed: int) -> Non
     wrong = []
     for st in sorted(needed & set(STAGES)):
         folder = out / st
-        made = _made(folder) if _done(folder) else None
+        made = _made(folder)
         if made is None:
             continue
         fields = {k: getattr(recipe, k, "<no such field>") for k in made["recipe"]}
@@ -362,8 +363,7 @@ def _stage(
     extra = train(tmp, reads)
     fields = {}
     for up in UPSTREAM[name]:
-        record = _made(out / up) if _done(out / up) else None
-        fields.update(record["recipe"] if record else {})
+        fields.update((_made(out / up) or {}).get("recipe", {}))
     fields.update(reads.read)
     _finish(tmp, out / name, time.time() - t, {"scale": scale, "seed": seed, "recipe": fields})
     timings[name] = time.time() - t
